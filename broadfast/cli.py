@@ -1,0 +1,90 @@
+"""The ``broadfast`` command line: one console script, one group per component.
+
+Settings come from ``BROADFAST_…`` environment variables; a flag overrides its variable.
+Commands whose capability is not built yet exist, say so in their help, and exit with
+status 2 and a pointer to the issue that builds them: nothing here pretends to work.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from typing import Any
+
+import click
+
+from broadfast import __version__
+from broadfast.cli_support import command_settings
+from broadfast.errors import BroadfastError, NotBuiltYet
+
+log = logging.getLogger("broadfast")
+
+
+class BroadfastGroup(click.Group):
+    """Turns expected errors into one clear line and exit status 2 (1 for a failed run)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except NotBuiltYet as exc:
+            click.secho(f"broadfast: {exc}", fg="yellow", err=True)
+            sys.exit(2)
+        except BroadfastError as exc:
+            click.secho(f"broadfast: error: {exc}", fg="red", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=BroadfastGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="broadfast")
+def main() -> None:
+    """broadfast — streaming online-learning relevance for search ads.
+
+    \b
+    A fast student scores query–ad pairs; the pairs it finds hard are labelled by a
+    slow, broad teacher (an LLM reasoning from several perspectives); the student keeps
+    distilling those labels and is hot-swapped into serving while drift is watched.
+
+    \b
+    Quick start (one machine):
+      eval "$(broadfast stack up)"      # broker + Redis on loopback, prints exports
+      broadfast replay --data ../shared/data/homedepot/dev.parquet --limit 500
+      broadfast stack down
+
+    Settings come from BROADFAST_* environment variables (see `broadfast settings`).
+    """
+
+
+# -- settings ------------------------------------------------------------------------------
+@main.command("settings")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON instead of shell exports.")
+def settings_cmd(as_json: bool) -> None:
+    """Print the effective settings (secrets are never printed)."""
+    settings = command_settings()
+    env = settings.public_env()
+    env["BROADFAST_ADMIN_TOKEN"] = "<set>" if settings.admin_token else "<unset>"
+    if as_json:
+        click.echo(json.dumps(env, indent=2))
+    else:
+        for key, value in env.items():
+            click.echo(f"{key}={value}")
+
+
+
+def _register() -> None:
+    from broadfast.demo_commands import demo
+    from features.commands import features
+    from monitoring.commands import drift, monitor, ui
+    from serving.commands import rollout, serve
+    from streams.commands import replay, stack, stream
+    from training.commands import predict, registry, train
+    from training.teacher.commands import label, teacher
+
+    for command in (stack, demo, replay, serve, stream, label, train, predict, registry, rollout, features, drift, monitor, ui, teacher):
+        main.add_command(command)
+
+
+_register()
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

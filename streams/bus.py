@@ -1,0 +1,152 @@
+"""The Kafka bus: typed producing and consuming of contract events.
+
+:class:`EventBus` publishes events to the topic the topic table names, with the key it
+names. :func:`consume` yields validated events; anything that does not validate goes to
+the dead-letter topic (via :class:`~streams.deadletter.DeadLetters`) and the loop goes on.
+Client configs are rendered by :class:`~broadfast.settings.Settings`, never here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from broadfast.errors import EventValidationError, StackError
+from broadfast.settings import Settings
+from streams.events import TOPICS, Event, decode, encode, spec_for
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One consumed, validated event with where it came from."""
+
+    event: Event
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+
+
+class EventBus:
+    """Publishes contract events. One per process; thread-safe (kafka-python's producer is)."""
+
+    def __init__(self, settings: Settings, producer: Any | None = None) -> None:
+        self.settings = settings
+        self._producer = producer if producer is not None else make_producer(settings)
+
+    def publish(self, event: Event) -> Any:
+        """Send one event to its topic with its key; returns the send future."""
+        spec = spec_for(event)
+        payload = encode(event)
+        if len(payload) > self.settings.max_event_bytes:
+            raise EventValidationError(
+                type(event).__name__, "<payload>", f"encoded event of {len(payload):,} bytes exceeds the limit of {self.settings.max_event_bytes:,}"
+            )
+        return self._producer.send(self.settings.topic(spec.name), key=spec.key_of(event).encode("utf-8"), value=payload)
+
+    def publish_raw(self, topic: str, value: bytes, key: bytes | None = None) -> Any:
+        """Send bytes as they are (tests and dead letters of foreign payloads)."""
+        return self._producer.send(self.settings.topic(topic), key=key, value=value)
+
+    def flush(self, timeout: float | None = 30.0) -> None:
+        self._producer.flush(timeout=timeout)
+
+    def close(self, timeout: float = 10.0) -> None:
+        try:
+            self._producer.flush(timeout=timeout)
+        finally:
+            self._producer.close(timeout=timeout)
+
+    def __enter__(self) -> EventBus:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def make_producer(settings: Settings) -> Any:
+    from kafka import KafkaProducer
+    from kafka.errors import KafkaError
+
+    try:
+        return KafkaProducer(**settings.kafka_producer_config())
+    except KafkaError as exc:
+        raise StackError(f"no Kafka broker answers at {settings.kafka_bootstrap} (is the stack up? `broadfast stack up`)") from exc
+
+
+def make_consumer(settings: Settings, topics: Iterable[str], group_id: str | None, **overrides: Any) -> Any:
+    """A kafka-python consumer subscribed to short topic names."""
+    from kafka import KafkaConsumer
+    from kafka.errors import KafkaError
+
+    names = [settings.topic(t) for t in topics]
+    try:
+        return KafkaConsumer(*names, **(settings.kafka_consumer_config(group_id) | overrides))
+    except KafkaError as exc:
+        raise StackError(f"no Kafka broker answers at {settings.kafka_bootstrap} (is the stack up? `broadfast stack up`)") from exc
+
+
+def short_name(settings: Settings, full_topic: str) -> str:
+    prefix = settings.topic_prefix + "."
+    return full_topic[len(prefix) :] if full_topic.startswith(prefix) else full_topic
+
+
+def consume(
+    settings: Settings,
+    consumer: Any,
+    deadletters: Any,
+    *,
+    max_records: int = 500,
+    poll_timeout_ms: int = 1000,
+    idle_polls: int | None = None,
+) -> Iterator[Delivery | None]:
+    """Poll ``consumer`` forever (or until ``idle_polls`` empty polls in a row).
+
+    Yields a :class:`Delivery` for each valid event. An invalid record is sent to the
+    dead-letter topic with its reason, source topic, partition and offset, and skipped.
+    Yields ``None`` after each empty poll, so the caller can do periodic work and commit.
+    """
+    empty = 0
+    while True:
+        batch = consumer.poll(timeout_ms=poll_timeout_ms, max_records=max_records)
+        if not batch:
+            empty += 1
+            yield None
+            if idle_polls is not None and empty >= idle_polls:
+                return
+            continue
+        empty = 0
+        for tp, records in batch.items():
+            topic = short_name(settings, tp.topic)
+            for record in records:
+                try:
+                    event = decode(topic, record.value, max_bytes=settings.max_event_bytes)
+                except EventValidationError as exc:
+                    deadletters.send(tp.topic, record.partition, record.offset, str(exc), record.value)
+                    continue
+                yield Delivery(event, tp.topic, record.partition, record.offset, record.key)
+
+
+def ensure_topics(settings: Settings, partitions: int | None = None, timeout_s: float = 30.0) -> list[str]:
+    """Create every topic of the table that does not exist yet; returns those created."""
+    from kafka.admin import KafkaAdminClient, NewTopic
+    from kafka.errors import TopicAlreadyExistsError
+
+    admin = KafkaAdminClient(**settings.kafka_common_config(), request_timeout_ms=int(timeout_s * 1000))
+    try:
+        existing = set(admin.list_topics())
+        wanted = [settings.topic(name) for name in TOPICS]
+        missing = [t for t in wanted if t not in existing]
+        if missing:
+            n = partitions or settings.topic_partitions
+            try:
+                admin.create_topics([NewTopic(t, n, 1) for t in missing])
+            except TopicAlreadyExistsError:
+                pass  # created concurrently by another process: fine
+        return missing
+    finally:
+        admin.close()

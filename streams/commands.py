@@ -1,0 +1,106 @@
+"""Command-line commands of streams/ (registered on the `broadfast` group in broadfast/cli.py).
+
+Keep imports of heavy libraries inside the command functions so `broadfast --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from broadfast.cli_support import NOT_BUILT, command_settings, not_built
+
+
+# -- stack ---------------------------------------------------------------------------------
+@click.group()
+def stack() -> None:
+    """The embedded single-machine stack: a Kafka-protocol broker (Tansu) and Redis on loopback."""
+
+
+@stack.command("up")
+@click.option("--partitions", type=int, default=None, help="Partitions per topic [BROADFAST_TOPIC_PARTITIONS].")
+def stack_up(partitions: int | None) -> None:
+    """Start the broker and Redis on free ports, create the topics, print shell exports.
+
+    Safe to run twice: a running stack is reused; a stale one (a process died) is cleaned
+    and started again. Use it as  eval "$(broadfast stack up)".
+    """
+    from streams.stack import EmbeddedStack, exports
+
+    settings = command_settings(topic_partitions=partitions)
+    state, started = EmbeddedStack(settings).up()
+    b, r = state.services["broker"], state.services["redis"]
+    verb = "started" if started else "already running:"
+    click.echo(f"# broadfast stack {verb} broker pid {b.pid} on port {b.port}, redis pid {r.pid} on port {r.port}", err=True)
+    click.echo(exports(state.env))
+
+
+@stack.command("down")
+def stack_down() -> None:
+    """Stop exactly the processes `stack up` started (by recorded PID and start time)."""
+    from streams.stack import EmbeddedStack
+
+    stopped = EmbeddedStack(command_settings()).down()
+    click.echo(f"stopped {', '.join(stopped)}" if stopped else "nothing to stop")
+
+
+@stack.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def stack_status(as_json: bool) -> None:
+    """Say what runs; exit status 0 when the stack is up and answering, 3 otherwise."""
+    from streams.stack import EmbeddedStack
+
+    status = EmbeddedStack(command_settings()).status()
+    if as_json:
+        click.echo(json.dumps(status, indent=2))
+    elif not status["services"]:
+        click.echo("stack: not running")
+    else:
+        click.echo(f"stack: {'running' if status['running'] else 'STALE (run `broadfast stack up` or `down` to clean)'}")
+        for name, svc in status["services"].items():
+            click.echo(f"  {name:<7} pid {svc['pid']:<8} port {svc['port']:<6} {'alive' if svc['alive'] else 'dead'}")
+    sys.exit(0 if status.get("running") else 3)
+
+
+# -- replay --------------------------------------------------------------------------------
+@click.command()
+@click.option("--data", "data", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Parquet file of labelled pairs [BROADFAST_DATA].")
+@click.option("--rate", type=float, default=0.0, show_default=True, help="Requests per second (0: as fast as possible).")
+@click.option("--limit", type=click.IntRange(min=1), default=1000, show_default=True, help="Number of search requests.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for request order, users and clicks.")
+@click.option("--max-ads", type=click.IntRange(min=1), default=50, show_default=True, help="Most candidate ads per request.")
+@click.option("--concurrency", type=click.IntRange(min=1), default=1, show_default=True, help="Requests in flight to the scoring API.")
+@click.option("--scoring-url", default=None, help="Scoring API base URL [BROADFAST_SCORING_URL]; without it ads keep retrieval order.")
+def replay(data: Path | None, rate: float, limit: int, seed: int, max_ads: int, concurrency: int, scoring_url: str | None) -> None:
+    """Simulated search frontend: replay a data set as search requests with clicks.
+
+    Logs each request to <prefix>.requests, ranks its ads by the scoring API's scores (if
+    configured), and logs position-biased clicks (driven by the true grade) to
+    <prefix>.clicks. See docs/replay.md for the click model.
+    """
+    from tqdm import tqdm
+
+    from streams.bus import EventBus
+    from streams.datasets import load_pairs
+    from streams.replay import HttpScorer, Replayer, plan_requests
+
+    settings = command_settings(data=data, scoring_url=scoring_url)
+    df = load_pairs(settings.data, require_grade=True)
+    scorer = HttpScorer(settings.scoring_url) if settings.scoring_url else None
+    logging.getLogger("broadfast.replay").info("replaying %d requests from %s (%d pairs, %d queries)%s", limit, settings.data, len(df), df["query"].nunique(), f" scored by {settings.scoring_url}" if scorer else "")
+    with EventBus(settings) as bus, tqdm(total=limit, unit="req", desc="replay", disable=None) as bar:
+        stats = Replayer(bus, scorer=scorer, seed=seed).run(plan_requests(df, limit=limit, seed=seed, max_ads=max_ads), rate=rate or None, concurrency=concurrency, progress=bar.update)
+    if scorer is not None:
+        scorer.close()
+    click.echo(stats.summary())
+
+
+
+@click.command(help=NOT_BUILT.format(issue=6) + "The faust worker: hard-case sampling and stream counters.")
+def stream() -> None:
+    command_settings()
+    not_built(6, "the stream app")

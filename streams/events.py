@@ -1,0 +1,332 @@
+"""Event contracts: the eight events of the design map and the topic table.
+
+Every event is a frozen pydantic model with a ``schema_version``; :func:`encode` turns
+one into JSON bytes and :func:`decode` turns bytes from a topic back into the event the
+topic table names, raising :class:`~broadfast.errors.EventValidationError` (naming the
+field and the reason) for anything that does not validate: not UTF-8, not JSON, too
+large, a wrong type, a missing field, an unknown field, a bad probability vector.
+
+>>> ev = Click(request_id="r1", ts=1.0, query="drill", ad_id="a1", position=0, clicked=True)
+>>> decode("clicks", encode(ev)) == ev
+True
+>>> TOPICS["clicks"].key_of(ev)
+'drill'
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+import time
+from dataclasses import dataclass
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from broadfast.errors import EventValidationError
+
+SCHEMA_VERSION = 1
+GRADES = ("irrelevant", "partial", "exact")
+PROB_TOLERANCE = 1e-3
+
+NonEmpty = Annotated[str, Field(min_length=1, max_length=4096)]
+Text = Annotated[str, Field(max_length=100_000)]
+Timestamp = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+
+
+def now() -> float:
+    """Event time: seconds since the epoch."""
+    return time.time()
+
+
+_WS = re.compile(r"\s+")
+
+
+def normalize_query(query: str) -> str:
+    """Lower case, trimmed, inner whitespace collapsed."""
+    return _WS.sub(" ", query.strip().lower())
+
+
+def pair_id(query: str, ad_id: str) -> str:
+    """Stable id of a query–ad pair: a hash of the normalised query and the ad id.
+
+    >>> pair_id("Cordless  Drill ", "a1") == pair_id("cordless drill", "a1")
+    True
+    """
+    digest = hashlib.blake2b(f"{normalize_query(query)}\x1f{ad_id}".encode(), digest_size=10)
+    return digest.hexdigest()
+
+
+def score_from_probs(probs: tuple[float, float, float] | list[float]) -> float:
+    """Relevance score: P(exact) + ½·P(partial)."""
+    return float(probs[2]) + 0.5 * float(probs[1])
+
+
+def _check_probs(value: tuple[float, float, float]) -> tuple[float, float, float]:
+    for p in value:
+        if not math.isfinite(p) or p < 0.0 or p > 1.0:
+            raise ValueError(f"each probability must be finite and within [0, 1], got {p!r}")
+    total = sum(value)
+    if abs(total - 1.0) > PROB_TOLERANCE:
+        raise ValueError(f"the three grade probabilities must sum to 1, got {total:.6f}")
+    return value
+
+
+Probs = tuple[float, float, float]
+
+
+class Event(BaseModel):
+    """Base of every event: strict about unknown fields, immutable, versioned."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=False)
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    topic_name: ClassVar[str]
+
+
+class Ad(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    ad_id: NonEmpty
+    title: Text
+    text: Text = ""
+
+
+class SearchRequest(Event):
+    """What the frontend asked to rank (``relevance.requests``, key: query)."""
+
+    topic_name: ClassVar[str] = "requests"
+    request_id: NonEmpty
+    ts: Timestamp
+    user_id: NonEmpty
+    query: NonEmpty
+    ads: list[Ad] = Field(min_length=1, max_length=1000)
+
+
+class Scored(Event):
+    """One scored query–ad pair (``relevance.scored``, key: query)."""
+
+    topic_name: ClassVar[str] = "scored"
+    request_id: NonEmpty
+    ts: Timestamp
+    query: NonEmpty
+    ad_id: NonEmpty
+    ad_title: Text
+    position: int = Field(ge=0)
+    score: float = Field(ge=0.0, le=1.0, allow_inf_nan=False)
+    grade_probs: Probs
+    model_version: NonEmpty
+    arm: Literal["champion", "challenger"] = "champion"
+    experiment_id: str | None = None
+    latency_ms: float = Field(ge=0.0, allow_inf_nan=False)
+    user_id: str | None = None
+    features: dict[str, float] = Field(default_factory=dict)
+
+    _probs = field_validator("grade_probs")(_check_probs)
+
+
+class Click(Event):
+    """A (simulated) user's click or skip of a shown ad (``relevance.clicks``, key: query)."""
+
+    topic_name: ClassVar[str] = "clicks"
+    request_id: NonEmpty
+    ts: Timestamp
+    query: NonEmpty
+    ad_id: NonEmpty
+    position: int = Field(ge=0)
+    clicked: bool
+    user_id: str | None = None
+
+
+class HardCase(Event):
+    """A pair the student finds hard, sent for labelling (``relevance.hardcases``, key: pair_id)."""
+
+    topic_name: ClassVar[str] = "hardcases"
+    pair_id: NonEmpty
+    query: NonEmpty
+    ad_id: NonEmpty
+    ad_title: Text
+    ad_text: Text = ""
+    reasons: list[NonEmpty] = Field(min_length=1)
+    student_probs: Probs
+    model_version: NonEmpty
+    ts: Timestamp
+    first_scored_ts: Timestamp | None = None
+
+    _probs = field_validator("student_probs")(_check_probs)
+
+
+class Perspective(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: NonEmpty
+    rationale: Annotated[str, Field(min_length=1, max_length=20_000)]
+    probs: Probs
+
+    _probs = field_validator("probs")(_check_probs)
+
+
+class TeacherLabel(Event):
+    """The teacher's multi-perspective label of a pair (``relevance.labels``, key: pair_id)."""
+
+    topic_name: ClassVar[str] = "labels"
+    pair_id: NonEmpty
+    query: NonEmpty
+    ad_id: NonEmpty
+    ad_title: Text = ""
+    ad_text: Text = ""
+    perspectives: list[Perspective] = Field(min_length=1)
+    probs: Probs
+    rationale_embeddings: list[list[float]] | None = None
+    embeddings_uri: str | None = None
+    teacher_id: NonEmpty
+    ts: Timestamp
+    first_scored_ts: Timestamp | None = None
+
+    _probs = field_validator("probs")(_check_probs)
+
+    @field_validator("rationale_embeddings")
+    @classmethod
+    def _one_per_perspective(cls, value: list[list[float]] | None, info: Any) -> list[list[float]] | None:
+        if value is None:
+            return value
+        perspectives = info.data.get("perspectives")
+        if perspectives is not None and len(value) != len(perspectives):
+            raise ValueError(f"one embedding per perspective: {len(value)} embeddings for {len(perspectives)} perspectives")
+        if any(not math.isfinite(x) for row in value for x in row):
+            raise ValueError("embeddings must be finite")
+        return value
+
+
+class ModelPublished(Event):
+    """A new student version in the registry (``relevance.models``, key: model name)."""
+
+    topic_name: ClassVar[str] = "models"
+    name: NonEmpty = "student"
+    version: NonEmpty
+    parent_version: str | None = None
+    uri: NonEmpty
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+    metrics: dict[str, float] = Field(default_factory=dict)
+    trained_on: dict[str, Any] = Field(default_factory=dict)
+    ts: Timestamp
+
+
+class Alert(Event):
+    """Something an operator should see (``relevance.alerts``, key: kind)."""
+
+    topic_name: ClassVar[str] = "alerts"
+    kind: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$", max_length=64)]
+    severity: Literal["info", "warning", "critical"] = "warning"
+    details: dict[str, Any] = Field(default_factory=dict)
+    ts: Timestamp
+
+
+class DeadLetter(Event):
+    """A message a consumer could not parse or process (``relevance.deadletter``, key: source topic)."""
+
+    topic_name: ClassVar[str] = "deadletter"
+    source_topic: NonEmpty
+    partition: int | None = None
+    offset: int | None = None
+    consumer: str | None = None
+    error: Annotated[str, Field(min_length=1, max_length=8192)]
+    payload: str = ""
+    payload_bytes: int = Field(default=0, ge=0)
+    ts: Timestamp
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    """One row of the topic table: short name, event class and the field used as key."""
+
+    name: str
+    event: type[Event]
+    key_field: str
+
+    def key_of(self, event: Event) -> str:
+        return str(getattr(event, self.key_field))
+
+
+# The topic–event–key table: the one place that ties topics to their contracts.
+TOPICS: dict[str, TopicSpec] = {
+    spec.name: spec
+    for spec in (
+        TopicSpec("requests", SearchRequest, "query"),
+        TopicSpec("scored", Scored, "query"),
+        TopicSpec("clicks", Click, "query"),
+        TopicSpec("hardcases", HardCase, "pair_id"),
+        TopicSpec("labels", TeacherLabel, "pair_id"),
+        TopicSpec("models", ModelPublished, "name"),
+        TopicSpec("alerts", Alert, "kind"),
+        TopicSpec("deadletter", DeadLetter, "source_topic"),
+    )
+}
+EVENT_TOPIC: dict[type[Event], str] = {spec.event: spec.name for spec in TOPICS.values()}
+
+
+def spec_for(event: Event | type[Event]) -> TopicSpec:
+    cls = event if isinstance(event, type) else type(event)
+    return TOPICS[EVENT_TOPIC[cls]]
+
+
+def encode(event: Event) -> bytes:
+    """JSON bytes of an event (compact, UTF-8)."""
+    return event.model_dump_json().encode("utf-8")
+
+
+def encode_key(event: Event) -> bytes:
+    return spec_for(event).key_of(event).encode("utf-8")
+
+
+def _field_of(error: dict[str, Any]) -> str:
+    loc = [str(part) for part in error.get("loc", ())]
+    return ".".join(loc) if loc else "<payload>"
+
+
+def validate(event_cls: type[Event], data: Any) -> Event:
+    """Validate a parsed payload against one contract, or raise EventValidationError."""
+    name = event_cls.__name__
+    if not isinstance(data, dict):
+        raise EventValidationError(name, "<payload>", f"expected a JSON object, got {type(data).__name__}")
+    try:
+        return event_cls.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        raise EventValidationError(name, _field_of(first), first.get("msg", "invalid")) from None
+
+
+def decode(topic: str, raw: bytes | None, *, max_bytes: int = 1_000_000) -> Event:
+    """Parse and validate raw bytes from a topic (short name, e.g. ``"scored"``).
+
+    Validation is strict: a string is not a number, ``1`` is not ``true``.
+    """
+    if topic not in TOPICS:
+        raise KeyError(f"unknown topic {topic!r}; known: {', '.join(TOPICS)}")
+    event_cls = TOPICS[topic].event
+    name = event_cls.__name__
+    if raw is None:
+        raise EventValidationError(name, "<payload>", "empty message (null value)")
+    if len(raw) > max_bytes:
+        raise EventValidationError(name, "<payload>", f"payload of {len(raw):,} bytes exceeds the limit of {max_bytes:,}")
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise EventValidationError(name, "<payload>", f"not valid UTF-8 at byte {exc.start}") from None
+    try:
+        return event_cls.model_validate_json(raw, strict=True)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        kind = first.get("type", "")
+        if kind == "json_invalid":
+            reason = f"not valid JSON ({first.get('ctx', {}).get('error', first.get('msg'))})"
+            raise EventValidationError(name, "<payload>", reason) from None
+        if kind == "model_type" or (not first.get("loc") and kind.endswith("_type")):
+            raise EventValidationError(name, "<payload>", "expected a JSON object") from None
+        raise EventValidationError(name, _field_of(first), first.get("msg", "invalid")) from None
+
+
+def json_schemas() -> dict[str, dict[str, Any]]:
+    """JSON Schema of every event, keyed by topic short name (for docs and other languages)."""
+    return {name: spec.event.model_json_schema() for name, spec in TOPICS.items()}

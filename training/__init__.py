@@ -1,0 +1,1 @@
+"""Training: the student, distillation losses and trainers, the teacher, the model registry."""
