@@ -78,8 +78,42 @@ class Settings(BaseSettings):
     # -- teacher worker (issue 4): add fields below this line ---------------------------
 
     # -- stream app and features (issue 6): add fields below this line ------------------
+    stream_budget_per_s: float = Field(default=2.0, gt=0, description="Labeling budget: hard cases per second (token-bucket refill rate, shared by all stream workers).")
+    stream_budget_burst: float = Field(default=20.0, ge=1, description="Labeling budget: token-bucket capacity (largest burst of hard cases).")
+    stream_dedup_ttl_s: int = Field(default=86_400, ge=1, description="A pair sent for labelling is not sent again within this many seconds.")
+    stream_entropy_threshold: float = Field(default=0.9, ge=0, le=1, description="Uncertain when the grade distribution's entropy / log(3) is at least this.")
+    stream_margin_threshold: float = Field(default=0.1, ge=0, le=1, description="Uncertain when the top two grade probabilities differ by at most this.")
+    stream_disagreement_threshold: float = Field(default=0.25, gt=0, le=1, description="A/B disagreement when champion and challenger scores of a pair differ by at least this.")
+    stream_arm_ttl_s: int = Field(default=3600, ge=1, description="How long a pair's per-arm score is remembered for the disagreement check (seconds).")
+    stream_long_tail_window_s: float = Field(default=3600.0, gt=0, description="Sliding event-time window of the long-tail check (seconds).")
+    stream_long_tail_max_requests: int = Field(default=1, ge=1, description="Long tail: the query was searched at most this many times in the window.")
+    stream_long_tail_min_traffic: int = Field(default=200, ge=0, description="Long tail is judged only once the window holds at least this many requests.")
+    stream_sample_novel: bool = Field(default=False, description="Sample a never-labelled pair even with no other reason (novelty alone is hard).")
+    stream_counter_window_s: int = Field(default=3600, ge=1, description="Tumbling event-time window of the impression/click/CTR counters (seconds).")
+    stream_batch_size: int = Field(default=500, ge=1, description="Stream worker: most events processed per batch.")
+    stream_batch_within_s: float = Field(default=0.2, gt=0, description="Stream worker: longest wait to fill a batch (seconds).")
+    stream_web_host: str = Field(default="127.0.0.1", description="faust worker's web (stats) bind address.")
+    stream_web_port: int = Field(default=6066, ge=0, le=65535, description="faust worker's web (stats) port; 0 turns the web server off.")
+    stream_push_features: bool = Field(default=True, description="Push the stream counters to the Feast online store.")
+    feast_repo: Path | None = Field(default=None, description="Feast repo folder holding feature_store.yaml. Default: the features/ package.")
+    feast_data: Path | None = Field(default=None, description="Feast registry and offline files. Default: <home>/feast.")
+    feast_project: str = Field(default="broadfast", pattern=r"^[A-Za-z0-9_]+$", description="Feast project (namespace of the online keys).")
 
     # -- monitoring (issue 8): add fields below this line --------------------------------
+    monitor_workspace: Path | None = Field(default=None, description="Evidently workspace folder (snapshots, UI). Default: <home>/monitoring/workspace.")
+    monitor_reference: Path | None = Field(
+        default=None, description="Reference window (parquet of pairs, scored or not) for drift on live traffic. Default: the `data` set."
+    )
+    monitor_window_events: int = Field(default=200_000, ge=100, description="Most recent scored events read per monitoring window (and clicks/labels alike).")
+    monitor_sample_rows: int = Field(default=20_000, ge=100, description="Rows each drift window is sampled down to (bounds time and memory).")
+    monitor_interval_s: float = Field(default=300.0, gt=0, description="Seconds between two monitoring rounds (`broadfast monitor`).")
+    drift_share: float = Field(default=0.25, gt=0, le=1, description="Share of drifted columns at which a window counts as drifted.")
+    ab_alpha: float = Field(default=0.05, gt=0, lt=1, description="Significance level of the A/B CTR test (two-sided two-proportion z-test).")
+    ab_min_impressions: int = Field(default=500, ge=1, description="Impressions each arm needs before the A/B test gives a verdict.")
+    guardrail_max_error_rate: float = Field(default=0.05, ge=0, le=1, description="Challenger error rate (failed scorings) above which the guardrail trips.")
+    guardrail_max_p99_ms: float = Field(default=250.0, gt=0, description="Challenger p99 scoring latency (ms) above which the guardrail trips.")
+    guardrail_p99_ratio: float = Field(default=2.0, gt=1, description="Challenger p99 over champion p99 above which the guardrail trips.")
+    auto_rollback: bool = Field(default=True, description="Roll an experiment back automatically when a guardrail trips.")
 
     # -- process -----------------------------------------------------------------------
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(default="INFO", description="Log level.")
@@ -144,6 +178,11 @@ class Settings(BaseSettings):
 @lru_cache(maxsize=1)
 def _cached() -> Settings:
     return Settings()
+
+
+def reset_settings() -> None:
+    """Forget the cached process settings (tests that change the environment use it)."""
+    _cached.cache_clear()
 
 
 def get_settings(**overrides: Any) -> Settings:

@@ -96,7 +96,10 @@ def plan_requests(
         raise BroadfastError("replay needs a 'grade' column (the click model is driven by the true grade)")
     rng = np.random.default_rng(seed)
     run = run_id or uuid.uuid4().hex[:8]
-    groups = [(q, g) for q, g in df.groupby("query", sort=True)]
+    groups = [
+        (query, rows["product_id"].to_numpy(), rows["title"].to_numpy(), rows["description"].to_numpy(), rows["grade"].to_numpy(dtype=int))
+        for query, rows in df.groupby("query", sort=True)
+    ]
     if not groups:
         raise BroadfastError("the data set has no rows")
     user_weights = 1.0 / np.arange(1, n_users + 1)
@@ -106,13 +109,12 @@ def plan_requests(
         for qi in rng.permutation(len(groups)):
             if limit is not None and index >= limit:
                 return
-            query, rows = groups[qi]
-            rows = rows.iloc[rng.permutation(len(rows))[:max_ads]]
-            ads = [Ad(ad_id=pid, title=title, text=desc) for pid, title, desc in zip(rows["product_id"], rows["title"], rows["description"])]
-            grades = dict(zip(rows["product_id"], rows["grade"].astype(int)))
+            query, ids, titles, descs, grades = groups[qi]
+            pick = rng.permutation(len(ids))[:max_ads]
+            ads = [Ad(ad_id=ids[i], title=titles[i], text=descs[i]) for i in pick]
             user = f"u{int(rng.choice(n_users, p=user_weights)):04d}"
             request = SearchRequest(request_id=f"{run}-{index:07d}", ts=now(), user_id=user, query=query, ads=ads)
-            yield PlannedRequest(index, request, grades)
+            yield PlannedRequest(index, request, {ids[i]: int(grades[i]) for i in pick})
             index += 1
 
 

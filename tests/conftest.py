@@ -21,6 +21,16 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("BROADFAST_TEST_DATA", REPO.parent / "shared" / "data"))
 
 
+@pytest.fixture(autouse=True)
+def _fresh_settings() -> Iterator[None]:
+    """Each test reads the environment afresh (the process settings are cached)."""
+    from broadfast.settings import reset_settings
+
+    reset_settings()
+    yield
+    reset_settings()
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """The read-only relevance data sets beside the repo (never copied into it)."""

@@ -1,0 +1,112 @@
+"""Event contracts: round trips and refusals that name the field."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from broadfast.errors import EventValidationError
+from streams import events as ev
+
+PROBS = (0.2, 0.5, 0.3)
+
+
+def sample_events() -> list[ev.Event]:
+    """One valid instance of each of the eight events."""
+    return [
+        ev.SearchRequest(request_id="r1", ts=1.5, user_id="u1", query="cordless drill", ads=[ev.Ad(ad_id="a1", title="Drill 18V", text="kit")]),
+        ev.Scored(request_id="r1", ts=2.0, query="cordless drill", ad_id="a1", ad_title="Drill 18V", position=0, score=ev.score_from_probs(PROBS), grade_probs=PROBS, model_version="v1", arm="challenger", experiment_id="e1", latency_ms=3.2, features={"ctr": 0.1}),
+        ev.Click(request_id="r1", ts=3.0, query="cordless drill", ad_id="a1", position=0, clicked=True, user_id="u1"),
+        ev.HardCase(pair_id=ev.pair_id("cordless drill", "a1"), query="cordless drill", ad_id="a1", ad_title="Drill 18V", reasons=["uncertain", "novel"], student_probs=PROBS, model_version="v1", ts=4.0, first_scored_ts=2.0),
+        ev.TeacherLabel(pair_id="p1", query="q", ad_id="a1", perspectives=[ev.Perspective(name=n, rationale=f"{n} says so", probs=PROBS) for n in ("intent", "attributes", "rules")], probs=PROBS, rationale_embeddings=[[0.1, 0.2]] * 3, teacher_id="smollm2-135m@mpcot-v1", ts=5.0),
+        ev.ModelPublished(version="v2", parent_version="v1", uri="file:///reg/v2", sha256="a" * 64, metrics={"ndcg@10": 0.9}, trained_on={"relevance.labels": {"0": 41}}, ts=6.0),
+        ev.Alert(kind="swap_failed", details={"version": "v3", "reason": "checksum"}, ts=7.0),
+        ev.DeadLetter(source_topic="relevance.scored", partition=1, offset=42, error="bad", payload="{", payload_bytes=1, ts=8.0),
+    ]
+
+
+def test_table_covers_the_eight_events() -> None:
+    assert set(ev.TOPICS) == {"requests", "scored", "clicks", "hardcases", "labels", "models", "alerts", "deadletter"}
+    assert {type(e) for e in sample_events()} == {spec.event for spec in ev.TOPICS.values()}
+
+
+@pytest.mark.parametrize("event", sample_events(), ids=lambda e: type(e).__name__)
+def test_round_trip(event: ev.Event) -> None:
+    spec = ev.spec_for(event)
+    raw = ev.encode(event)
+    assert json.loads(raw)["schema_version"] == ev.SCHEMA_VERSION
+    assert ev.decode(spec.name, raw) == event
+    assert ev.encode_key(event) == str(getattr(event, spec.key_field)).encode()
+
+
+def _scored_dict() -> dict:
+    return json.loads(ev.encode(sample_events()[1]))
+
+
+@pytest.mark.parametrize(
+    ("mutate", "field", "reason"),
+    [
+        (lambda d: d.update(score="0.5"), "score", "valid number"),
+        (lambda d: d.update(position=True), "position", "valid integer"),
+        (lambda d: d.update(position=-1), "position", "greater than or equal"),
+        (lambda d: d.pop("query"), "query", "Field required"),
+        (lambda d: d.update(grade_probs=[0.5, 0.6, 0.2]), "grade_probs", "sum to 1"),
+        (lambda d: d.update(grade_probs=[0.5, 0.5]), "grade_probs.2", "required"),
+        (lambda d: d.update(grade_probs=[1.5, -0.5, 0.0]), "grade_probs", "within [0, 1]"),
+        (lambda d: d.update(arm="treatment"), "arm", "champion"),
+        (lambda d: d.update(surprise=1), "surprise", "Extra inputs"),
+        (lambda d: d.update(schema_version=2), "schema_version", "1"),
+        (lambda d: d.update(ts=None), "ts", "valid number"),
+    ],
+)
+def test_invalid_field_is_named(mutate, field: str, reason: str) -> None:
+    data = _scored_dict()
+    mutate(data)
+    with pytest.raises(EventValidationError) as info:
+        ev.decode("scored", json.dumps(data).encode())
+    assert info.value.field == field
+    assert reason in info.value.reason
+    assert f"'{field}'" in str(info.value) and "Scored" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        (b"not json at all", "not valid JSON"),
+        (b"[1, 2, 3]", "expected a JSON object"),
+        (b"\xff\xfe{\"a\": 1}", "not valid UTF-8"),
+        (None, "empty message"),
+        (b"{" + b" " * (5 * 1024 * 1024) + b"}", "exceeds the limit"),
+    ],
+    ids=["not-json", "not-object", "bad-utf8", "null", "5MB"],
+)
+def test_malformed_payload_is_refused(raw: bytes | None, reason: str) -> None:
+    with pytest.raises(EventValidationError) as info:
+        ev.decode("clicks", raw)
+    assert info.value.field == "<payload>"
+    assert reason in info.value.reason
+
+
+def test_label_embeddings_must_match_perspectives() -> None:
+    data = json.loads(ev.encode(sample_events()[4]))
+    data["rationale_embeddings"] = [[0.1]]
+    with pytest.raises(EventValidationError) as info:
+        ev.decode("labels", json.dumps(data).encode())
+    assert info.value.field == "rationale_embeddings"
+
+
+def test_pair_id_is_stable_under_normalisation() -> None:
+    assert ev.pair_id("  Cordless   DRILL", "a1") == ev.pair_id("cordless drill", "a1")
+    assert ev.pair_id("cordless drill", "a1") != ev.pair_id("cordless drill", "a2")
+    assert ev.pair_id("cordless drill", "a1") != ev.pair_id("cordless drills", "a1")
+
+
+def test_score_is_exact_plus_half_partial() -> None:
+    assert ev.score_from_probs((0.2, 0.5, 0.3)) == pytest.approx(0.55)
+
+
+def test_json_schemas_describe_every_event() -> None:
+    schemas = ev.json_schemas()
+    assert set(schemas) == set(ev.TOPICS)
+    assert "grade_probs" in schemas["scored"]["properties"]

@@ -1,0 +1,366 @@
+"""Multi-perspective chain-of-thought (MPCoT): prompts, grades from log-probs, aggregation.
+
+A pair is judged from three perspectives (user intent, attribute matching, business rules).
+For each, the model writes a short rationale; then the grade cue (``"\\nGrade: "``) is
+appended and the grade is read from the log-probabilities of the next non-space token over
+``"0"``, ``"1"``, ``"2"`` — a soft label per perspective. Perspectives are aggregated by a
+weighted mean (equal weights by default). A missing rationale or a grade that cannot be read
+is a :class:`LabelFailure` with its reason, never an invented label.
+
+The LLM backends (``vllm``, ``transformers``) implement one small contract, :class:`Engine`
+(generate rationales; top log-probs after a cue), and :class:`LLMTeacher` does the rest.
+
+>>> t = load_template()
+>>> p = Pair(pair_id="p1", query="cordless drill", ad_id="a1", title="DEWALT 20V drill")
+>>> prompts = t.render(p, rules_text="- none")
+>>> sorted(prompts) == sorted(PERSPECTIVES) and all(v.startswith(t.prefix(p)) for v in prompts.values())
+True
+>>> grade_probs_from_top_logprobs([{" ": -0.1}, {"2": -0.2, "1": -1.9, "x": -3.0}], ("0", "1", "2"))[2] > 0.8
+True
+>>> aggregate([(0.0, 0.5, 0.5), (0.0, 1.0, 0.0)])
+(0.0, 0.75, 0.25)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import string
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Protocol
+
+import yaml
+
+from training.teacher.errors import TemplateError
+
+log = logging.getLogger(__name__)
+
+PERSPECTIVES = ("user_intent", "attributes", "business_rules")
+PROMPTS_DIR = Path(__file__).parent / "prompts"
+DEFAULT_TEMPLATE = "mpcot_v1"
+DEFAULT_RULES = Path(__file__).parent / "rules.yaml"
+
+
+# -- what goes in and what comes out -------------------------------------------------------------
+@dataclass(frozen=True)
+class Pair:
+    """One query–ad pair to label (from a HardCase or a row of a data file)."""
+
+    pair_id: str
+    query: str
+    ad_id: str
+    title: str
+    text: str = ""
+
+
+@dataclass(frozen=True)
+class PerspectiveLabel:
+    name: str
+    rationale: str
+    probs: tuple[float, float, float]
+
+
+@dataclass(frozen=True)
+class Label:
+    """A teacher's label of one pair: one soft label per perspective and their aggregate."""
+
+    pair: Pair
+    perspectives: tuple[PerspectiveLabel, ...]
+    probs: tuple[float, float, float]
+    teacher_id: str
+    tokens: int = 0  # generated tokens (for throughput figures)
+
+
+@dataclass(frozen=True)
+class LabelFailure:
+    """A pair the teacher could not label, and why (goes to the dead-letter topic)."""
+
+    pair: Pair
+    reason: str
+
+
+Result = Label | LabelFailure
+
+
+class Teacher(Protocol):
+    """What the labeler needs from any backend."""
+
+    teacher_id: str
+
+    def label(self, pairs: Sequence[Pair]) -> list[Result]:
+        """One result per pair, in order. Raises TeacherUnavailable when nothing can be reached."""
+        ...
+
+
+# -- templates and rules -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Template:
+    """A versioned MPCoT prompt template (a YAML file under ``prompts/``)."""
+
+    id: str
+    prefix_text: str
+    perspectives: Mapping[str, str]
+    grade_cue: str = "\nGrade: "
+    grade_tokens: tuple[str, str, str] = ("0", "1", "2")
+    stop: tuple[str, ...] = ("Grade", "\n\n")
+    max_rationale_chars: int = 1200
+
+    def prefix(self, pair: Pair) -> str:
+        """The part shared by the three perspectives of ``pair``."""
+        return string.Template(self.prefix_text).substitute(
+            query=_clean(pair.query), title=_clean(pair.title), description=_clean(pair.text) or "(none)"
+        )
+
+    def render(self, pair: Pair, rules_text: str) -> dict[str, str]:
+        """Prompt of each perspective: the shared prefix, then the perspective's question."""
+        head = self.prefix(pair)
+        return {name: head + string.Template(body).substitute(rules=rules_text) for name, body in self.perspectives.items()}
+
+    def grade_prompt(self, prompt: str, rationale: str) -> str:
+        """The prompt whose next (non-space) token is the grade."""
+        return prompt + " " + rationale + self.grade_cue
+
+
+def _clean(text: str) -> str:
+    # Keep user text from closing the chat turn or injecting a role marker.
+    return " ".join(str(text).replace("<|", "< |").split())[:2000]
+
+
+def template_path(name: str) -> Path:
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml") and path.exists():
+        return path
+    candidate = PROMPTS_DIR / f"{name}.yaml"
+    if not candidate.exists():
+        known = ", ".join(sorted(p.stem for p in PROMPTS_DIR.glob("*.yaml")))
+        raise TemplateError(f"unknown prompt template {name!r} (known: {known}; or give a path to a .yaml file)")
+    return candidate
+
+
+@lru_cache(maxsize=8)
+def load_template(name: str = DEFAULT_TEMPLATE) -> Template:
+    """Read a template by name (``mpcot_v1``) or path, checking it has every perspective."""
+    path = template_path(name)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise TemplateError(f"{path}: not valid YAML: {exc}") from exc
+    for key in ("id", "prefix", "perspectives"):
+        if key not in raw:
+            raise TemplateError(f"{path}: missing '{key}'")
+    missing = [p for p in PERSPECTIVES if p not in raw["perspectives"]]
+    if missing:
+        raise TemplateError(f"{path}: missing perspective(s) {', '.join(missing)}")
+    tokens = tuple(str(t) for t in raw.get("grade_tokens", ("0", "1", "2")))
+    if len(tokens) != 3:
+        raise TemplateError(f"{path}: grade_tokens must list three tokens (irrelevant, partial, exact)")
+    return Template(
+        id=str(raw["id"]),
+        prefix_text=raw["prefix"],
+        perspectives={p: raw["perspectives"][p] for p in PERSPECTIVES},
+        grade_cue=raw.get("grade_cue", "\nGrade: "),
+        grade_tokens=tokens,  # type: ignore[arg-type]
+        stop=tuple(raw.get("stop", ("Grade", "\n\n"))),
+        max_rationale_chars=int(raw.get("max_rationale_chars", 1200)),
+    )
+
+
+@dataclass(frozen=True)
+class Rules:
+    """The operator's business rules (YAML); ``digest`` goes into the teacher id."""
+
+    text: str
+    digest: str
+
+    @classmethod
+    def load(cls, path: Path | None = None) -> Rules:
+        path = Path(path) if path is not None else DEFAULT_RULES
+        if not path.exists():
+            raise TemplateError(f"rules file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise TemplateError(f"{path}: not valid YAML: {exc}") from exc
+        rules = raw.get("rules") or []
+        if not isinstance(rules, list) or not all(isinstance(r, dict) and r.get("text") for r in rules):
+            raise TemplateError(f"{path}: 'rules' must be a list of {{name, text}} entries")
+        text = "\n".join(f"- {r['text']}" for r in rules)
+        return cls(text=text, digest=hashlib.sha256(text.encode()).hexdigest()[:8])
+
+
+def teacher_id_for(backend: str, model: str, template: Template, rules: Rules) -> str:
+    """``<backend>:<model>@<template id>+rules-<digest>``: what made a label, in one string."""
+    return f"{backend}:{model}@{template.id}+rules-{rules.digest}"
+
+
+# -- grades and aggregation ----------------------------------------------------------------------
+def grade_probs_from_top_logprobs(
+    positions: Sequence[Mapping[str, float]], grade_tokens: Sequence[str] = ("0", "1", "2")
+) -> tuple[float, float, float] | None:
+    """Soft grade from the top log-probs of the positions after the grade cue.
+
+    The first position whose most likely token is not whitespace is the grade position (small
+    models often emit a lone space token before the digit). The three grade tokens' probabilities
+    there (matching after stripping spaces; missing ones count as 0) are renormalised. Returns
+    None when no grade token is among them: an unreadable grade.
+    """
+    for top in positions:
+        if not top:
+            continue
+        best = max(top.items(), key=lambda kv: kv[1])[0]
+        if best.strip() == "":
+            continue
+        mass = [0.0, 0.0, 0.0]
+        for tok, lp in top.items():
+            stripped = tok.strip()
+            if stripped in grade_tokens and lp is not None and math.isfinite(lp):
+                mass[list(grade_tokens).index(stripped)] += math.exp(lp)
+        total = sum(mass)
+        if total <= 0.0:
+            return None
+        return normalise(mass)
+    return None
+
+
+def normalise(values: Sequence[float]) -> tuple[float, float, float]:
+    total = float(sum(values))
+    out = [float(v) / total for v in values]
+    # Round-off safety for the event contract (sum within 1e-3 of 1).
+    return (out[0], out[1], max(0.0, 1.0 - out[0] - out[1]))
+
+
+def aggregate(probs: Sequence[Sequence[float]], weights: Sequence[float] | None = None) -> tuple[float, float, float]:
+    """Weighted mean of per-perspective soft labels (equal weights when ``weights`` is None)."""
+    if not probs:
+        raise ValueError("nothing to aggregate")
+    w = list(weights) if weights is not None else [1.0] * len(probs)
+    if len(w) != len(probs) or any(x < 0 for x in w) or sum(w) <= 0:
+        raise ValueError(f"weights must be {len(probs)} non-negative numbers with a positive sum, got {w}")
+    mean = [sum(wi * p[g] for wi, p in zip(w, probs)) / sum(w) for g in range(3)]
+    return normalise(mean)
+
+
+def clean_rationale(text: str, template: Template) -> str:
+    """The rationale as generated, cut at the first stop string, trimmed."""
+    cut = len(text)
+    for s in template.stop:
+        i = text.find(s)
+        if i != -1:
+            cut = min(cut, i)
+    return text[:cut].strip()[: template.max_rationale_chars]
+
+
+# -- the LLM teacher over an engine --------------------------------------------------------------
+@dataclass(frozen=True)
+class Generation:
+    """A generated rationale (or the error that stopped it) and its token count."""
+
+    text: str | None
+    tokens: int = 0
+    error: str | None = None
+
+
+class Engine(Protocol):
+    """The two calls an LLM backend provides, batched; each item may fail on its own."""
+
+    model: str
+
+    def generate(self, prompts: list[str], *, max_tokens: int, stop: Sequence[str], temperature: float, seed: int | None) -> list[Generation]:
+        ...
+
+    def top_logprobs(self, prompts: list[str], *, positions: int, k: int) -> list[list[dict[str, float]] | str]:
+        """Top-k log-probs of the next ``positions`` greedy tokens per prompt, or an error string."""
+        ...
+
+
+@dataclass
+class LLMTeacher:
+    """MPCoT labels from any :class:`Engine` (vLLM over HTTP, or a local transformers model)."""
+
+    engine: Any
+    backend: str
+    template: Template = field(default_factory=load_template)
+    rules: Rules = field(default_factory=Rules.load)
+    weights: Mapping[str, float] | None = None
+    max_tokens: int = 48
+    temperature: float = 0.0
+    seed: int | None = None
+
+    @property
+    def teacher_id(self) -> str:
+        return teacher_id_for(self.backend, self.engine.model, self.template, self.rules)
+
+    def label(self, pairs: Sequence[Pair]) -> list[Result]:
+        names = list(self.template.perspectives)
+        prompts: list[str] = []
+        for pair in pairs:
+            rendered = self.template.render(pair, self.rules.text)
+            prompts.extend(rendered[n] for n in names)  # the three of a pair side by side: shared prefix
+        gens = self.engine.generate(prompts, max_tokens=self.max_tokens, stop=self.template.stop, temperature=self.temperature, seed=self.seed)
+        errors: dict[int, str] = {}
+        rationales: list[str] = []
+        for i, g in enumerate(gens):
+            text = clean_rationale(g.text, self.template) if g.text is not None else ""
+            if g.error is not None:
+                errors[i] = g.error
+            elif not text:
+                errors[i] = "empty rationale (the model wrote nothing before the grade)"
+            rationales.append(text)
+        live = [i for i in range(len(prompts)) if i not in errors]
+        tops = self.engine.top_logprobs([self.template.grade_prompt(prompts[i], rationales[i]) for i in live], positions=3, k=20) if live else []
+        probs: dict[int, tuple[float, float, float]] = {}
+        for i, top in zip(live, tops):
+            if isinstance(top, str):
+                errors[i] = top
+                continue
+            p = grade_probs_from_top_logprobs(top, self.template.grade_tokens)
+            if p is None:
+                errors[i] = f"unreadable grade: none of {list(self.template.grade_tokens)} among the top log-probs after the rationale"
+            else:
+                probs[i] = p
+        w = [float((self.weights or {}).get(n, 1.0)) for n in names]
+        out: list[Result] = []
+        for j, pair in enumerate(pairs):
+            idx = range(j * len(names), (j + 1) * len(names))
+            failed = [f"{names[i - j * len(names)]}: {errors[i]}" for i in idx if i in errors]
+            if failed:
+                out.append(LabelFailure(pair, "; ".join(failed)))
+                continue
+            persp = tuple(PerspectiveLabel(names[i - j * len(names)], rationales[i], probs[i]) for i in idx)
+            out.append(Label(pair, persp, aggregate([p.probs for p in persp], w), self.teacher_id, tokens=sum(gens[i].tokens for i in idx)))
+        return out
+
+
+def make_teacher(settings: Any, backend: str | None = None) -> Teacher:
+    """The teacher the settings choose (``teacher_backend``), built lazily."""
+    backend = backend or settings.teacher_backend
+    if backend == "oracle":
+        from training.teacher.oracle import OracleTeacher
+
+        return OracleTeacher.from_settings(settings)
+    template = load_template(settings.teacher_template)
+    rules = Rules.load(settings.teacher_rules)
+    if backend == "vllm":
+        from training.teacher.vllm_backend import VLLMEngine
+
+        engine: Any = VLLMEngine.from_settings(settings)
+    elif backend == "transformers":
+        from training.teacher.hf_backend import TransformersEngine
+
+        engine = TransformersEngine.from_settings(settings)
+    else:
+        raise TemplateError(f"unknown teacher backend {backend!r} (vllm, transformers, oracle)")
+    return LLMTeacher(
+        engine=engine,
+        backend=backend,
+        template=template,
+        rules=rules,
+        weights=settings.teacher_weights or None,
+        max_tokens=settings.teacher_max_tokens,
+        temperature=settings.teacher_temperature,
+        seed=settings.teacher_seed,
+    )

@@ -1,0 +1,175 @@
+"""The ``vllm`` engine: vLLM's OpenAI-compatible completions API over HTTP (httpx only).
+
+vLLM cannot share an environment with faust-streaming, so the teacher never imports vLLM: it
+talks to a server (``BROADFAST_TEACHER_URL``). Each HTTP request carries a batch of prompts
+(by default the three perspectives of one pair, which share a prompt prefix, so the server's
+prefix cache reuses it); up to ``teacher_concurrency`` requests are in flight at once. Time-outs,
+connection errors, 429 and 5xx answers are retried with exponential backoff; what still fails
+becomes a per-prompt error (a dead letter upstream), and a server that cannot be reached at all
+raises :class:`~training.teacher.errors.TeacherUnavailable`.
+
+>>> e = VLLMEngine("http://127.0.0.1:1/v1", "m", timeout_s=0.2, retries=0)
+>>> e.generate(["hi"], max_tokens=4, stop=[], temperature=0.0, seed=None)  # doctest: +ELLIPSIS
+Traceback (most recent call last):
+...
+training.teacher.errors.TeacherUnavailable: ...
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from broadfast.errors import ConfigError
+from training.teacher.errors import TeacherUnavailable
+from training.teacher.mpcot import Generation
+
+log = logging.getLogger(__name__)
+
+RETRYABLE_STATUS = {408, 429, 500, 502, 503, 504}
+
+
+class _Failed(Exception):
+    def __init__(self, reason: str, unreachable: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.unreachable = unreachable
+
+
+def completions_url(base_url: str) -> str:
+    """``http://h:p`` or ``http://h:p/v1`` → ``http://h:p/v1/completions``."""
+    base = base_url.rstrip("/")
+    return (base if base.endswith("/v1") else base + "/v1") + "/completions"
+
+
+@dataclass
+class VLLMEngine:
+    """Batched, concurrent completions against one OpenAI-compatible server."""
+
+    base_url: str
+    model: str
+    concurrency: int = 16
+    prompts_per_request: int = 3
+    timeout_s: float = 60.0
+    retries: int = 3
+    backoff_s: float = 0.5
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> VLLMEngine:
+        if not settings.teacher_url:
+            raise ConfigError("the vllm teacher needs BROADFAST_TEACHER_URL (the OpenAI-compatible base URL of the vLLM server)")
+        return cls(
+            base_url=settings.teacher_url,
+            model=settings.teacher_model,
+            concurrency=settings.teacher_concurrency,
+            prompts_per_request=settings.teacher_prompts_per_request,
+            timeout_s=settings.teacher_timeout_s,
+            retries=settings.teacher_retries,
+            backoff_s=settings.teacher_backoff_s,
+        )
+
+    # -- the Engine contract ---------------------------------------------------------------
+    def generate(self, prompts: list[str], *, max_tokens: int, stop: Sequence[str], temperature: float, seed: int | None) -> list[Generation]:
+        body = {"max_tokens": max_tokens, "temperature": temperature, "stop": list(stop)}
+        if seed is not None:
+            body["seed"] = seed
+        out: list[Generation] = []
+        for chunk in self._run(prompts, body):
+            out.extend(chunk)
+        return out
+
+    def top_logprobs(self, prompts: list[str], *, positions: int, k: int) -> list[list[dict[str, float]] | str]:
+        body = {"max_tokens": positions, "temperature": 0.0, "logprobs": k}
+        out: list[list[dict[str, float]] | str] = []
+        for chunk in self._run(prompts, body, want_logprobs=True):
+            out.extend(chunk)
+        return out
+
+    # -- HTTP ------------------------------------------------------------------------------
+    def _run(self, prompts: list[str], body: dict[str, Any], want_logprobs: bool = False) -> list[list[Any]]:
+        """Send ``prompts`` in chunks, concurrently; one list of per-prompt results per chunk."""
+        if not prompts:
+            return []
+        size = max(1, self.prompts_per_request)
+        chunks = [prompts[i : i + size] for i in range(0, len(prompts), size)]
+        url = completions_url(self.base_url)
+        timeout = httpx.Timeout(self.timeout_s, connect=min(self.timeout_s, 10.0))
+        limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency)
+        with httpx.Client(timeout=timeout, limits=limits) as client, ThreadPoolExecutor(max_workers=max(1, self.concurrency)) as pool:
+            results = list(pool.map(lambda c: self._request(client, url, c, body, want_logprobs), chunks))
+        failures = [r for r in results if isinstance(r, _Failed)]
+        if failures and len(failures) == len(results) and all(f.unreachable for f in failures):
+            raise TeacherUnavailable(f"the vLLM server at {self.base_url} cannot be used: {failures[0].reason}")
+        out: list[list[Any]] = []
+        for chunk, r in zip(chunks, results):
+            if isinstance(r, _Failed):
+                out.append([r.reason if want_logprobs else Generation(None, 0, r.reason)] * len(chunk))
+            else:
+                out.append(r)
+        return out
+
+    def _request(self, client: httpx.Client, url: str, chunk: list[str], body: dict[str, Any], want_logprobs: bool) -> list[Any] | _Failed:
+        payload = {"model": self.model, "prompt": chunk, **body}
+        last = "no attempt"
+        unreachable = False
+        for attempt in range(self.retries + 1):
+            if attempt:
+                delay = self.backoff_s * (2 ** (attempt - 1)) * (1.0 + 0.25 * random.random())
+                time.sleep(delay)
+            try:
+                resp = client.post(url, json=payload)
+            except httpx.TimeoutException:
+                last, unreachable = f"timed out after {self.timeout_s:g} s", False
+                continue
+            except httpx.TransportError as exc:
+                last, unreachable = f"unreachable ({type(exc).__name__}: {exc})", True
+                continue
+            if resp.status_code in RETRYABLE_STATUS:
+                last, unreachable = f"server answered {resp.status_code}: {resp.text[:200]}", False
+                continue
+            if resp.status_code == 404:
+                return _Failed(f"server answered 404 (is the model {self.model!r} served there?): {resp.text[:200]}", unreachable=True)
+            if resp.status_code >= 400:
+                return _Failed(f"request refused with {resp.status_code}: {resp.text[:300]}")
+            try:
+                return parse_completions(resp.json(), len(chunk), want_logprobs)
+            except (ValueError, KeyError, TypeError, IndexError) as exc:
+                return _Failed(f"malformed response from the server: {exc}")
+        tries = self.retries + 1
+        log.warning("vLLM request failed after %d tr%s: %s", tries, "y" if tries == 1 else "ies", last)
+        return _Failed(f"{last} (after {tries} tr{'y' if tries == 1 else 'ies'})", unreachable=unreachable)
+
+
+def parse_completions(data: Any, n: int, want_logprobs: bool) -> list[Any]:
+    """Per-prompt results of an OpenAI completions response (choices matched by ``index``).
+
+    Generation mode gives :class:`Generation` (completion tokens split over the choices, from
+    ``usage``); log-prob mode gives each choice's ``logprobs.top_logprobs`` (a list of dicts).
+    Raises ValueError/KeyError/TypeError for anything that is not that shape.
+    """
+    if not isinstance(data, dict) or not isinstance(data.get("choices"), list):
+        raise ValueError("no 'choices' list")
+    choices = sorted(data["choices"], key=lambda c: int(c.get("index", 0)))
+    if len(choices) != n or [int(c.get("index", i)) for i, c in enumerate(choices)] != list(range(n)):
+        raise ValueError(f"expected {n} choices indexed 0..{n - 1}, got {len(choices)}")
+    if want_logprobs:
+        out: list[Any] = []
+        for c in choices:
+            top = (c.get("logprobs") or {}).get("top_logprobs")
+            if not isinstance(top, list) or not all(isinstance(t, dict) or t is None for t in top):
+                raise ValueError("a choice lacks logprobs.top_logprobs")
+            out.append([{str(k): float(v) for k, v in (t or {}).items()} for t in top])
+        return out
+    texts = [c["text"] for c in choices]
+    if not all(isinstance(t, str) for t in texts):
+        raise TypeError("a choice's text is not a string")
+    total = int((data.get("usage") or {}).get("completion_tokens") or 0)
+    share = [total // n + (1 if i < total % n else 0) for i in range(n)]
+    return [Generation(t, s) for t, s in zip(texts, share)]
