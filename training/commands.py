@@ -5,11 +5,23 @@ Keep imports of heavy libraries inside the command functions so `broadfast --hel
 
 from __future__ import annotations
 
+import json
+import logging
 from pathlib import Path
+from typing import Any
 
 import click
 
 from broadfast.cli_support import NOT_BUILT, command_settings, not_built
+from broadfast.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def _torch_threads(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
 
 
 @click.group()
@@ -17,13 +29,74 @@ def train() -> None:
     """Distil the student: offline from a file, or online from the labels topic."""
 
 
-@train.command("offline", help=NOT_BUILT.format(issue=3) + "Distil the student from a parquet file of pairs (and teacher labels).")
-@click.option("--data", type=click.Path(dir_okay=False, path_type=Path), required=True)
-@click.option("--labels", type=click.Path(dir_okay=False, path_type=Path), default=None)
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
-def train_offline(data: Path, labels: Path | None, out: Path) -> None:
-    command_settings()
-    not_built(3, "offline distillation")
+@train.command("offline")
+@click.option("--data", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Parquet of pairs (query, product_id, title[, description, grade, relevance]).")
+@click.option("--labels", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Teacher labels parquet (see docs/student.md); without it the data's human judgements are the targets.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Model folder to write (and checkpoint into).")
+@click.option("--targets", type=click.Choice(["relevance", "grade"]), default="relevance", show_default=True, help="Without --labels: soft targets from the graded relevance, or smoothed one-hot grades.")
+@click.option("--extractor", type=click.Choice(["mlp", "attention", "none"]), default="mlp", show_default=True, help="Latent reasoning extractor ('none' = plain cross-encoder).")
+@click.option("--perspectives", "n_perspectives", type=int, default=3, show_default=True, help="K: latent vectors, one per teacher perspective.")
+@click.option("--latent-dim", type=int, default=128, show_default=True)
+@click.option("--max-length", type=int, default=128, show_default=True, help="Tokens per (query, ad) pair.")
+@click.option("--epochs", type=int, default=3, show_default=True)
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--lr", type=float, default=5e-5, show_default=True, help="Encoder learning rate.")
+@click.option("--head-lr", type=float, default=5e-4, show_default=True, help="Learning rate of the extractor and head.")
+@click.option("--kd-weight", type=float, default=1.0, show_default=True)
+@click.option("--ce-weight", type=float, default=0.5, show_default=True, help="Cross-entropy to the human grade, where the data has one.")
+@click.option("--align-weight", type=float, default=0.5, show_default=True, help="λ of the latent–rationale alignment loss (0: off).")
+@click.option("--align-kind", type=click.Choice(["cosine", "mse"]), default="cosine", show_default=True)
+@click.option("--temperature", type=float, default=2.0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--limit", type=int, default=None, help="Train on the first N rows only (after the labels join).")
+@click.option("--eval", "eval_path", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Parquet to evaluate on at the end (metrics go into training.json and the registry).")
+@click.option("--device", default=None, help="Torch device (default: BROADFAST_TRAIN_DEVICE, else cuda when available).")
+@click.option("--checkpoint-every", type=int, default=500, show_default=True, help="Steps between checkpoints (also at every epoch end).")
+@click.option("--resume/--no-resume", default=True, show_default=True, help="Continue from <out>/checkpoint when it is there.")
+@click.option("--keep-checkpoint", is_flag=True, help="Keep <out>/checkpoint after the run.")
+@click.option("--from-scratch-tiny", is_flag=True, hidden=True, help="A tiny random encoder instead of MiniLM (tests).")
+def train_offline(data: Path, labels: Path | None, out: Path, targets: str, extractor: str, n_perspectives: int, latent_dim: int, max_length: int, epochs: int,
+                  batch_size: int, lr: float, head_lr: float, kd_weight: float, ce_weight: float, align_weight: float, align_kind: str, temperature: float,
+                  seed: int, limit: int | None, eval_path: Path | None, device: str | None, checkpoint_every: int, resume: bool, keep_checkpoint: bool,
+                  from_scratch_tiny: bool) -> None:  # fmt: skip
+    """Distil the student from a parquet file of pairs (and teacher labels)."""
+    settings = command_settings()
+    _torch_threads(settings.torch_threads)
+    from streams.datasets import load_pairs
+    from training.distill import TrainConfig, train_offline_frame
+    from training.losses import LossConfig
+    from training.registry import sha256_file
+    from training.student import StudentConfig
+    from training.targets import human_targets, label_targets, read_labels
+
+    df = load_pairs(data)
+    student_kw: dict[str, Any] = dict(extractor=extractor, n_perspectives=n_perspectives, latent_dim=latent_dim, max_length=max_length)
+    student_cfg = StudentConfig.tiny(**student_kw) if from_scratch_tiny else StudentConfig.minilm(**student_kw)
+    if labels is not None:
+        df, tgt = label_targets(df, read_labels(labels), n_perspectives, student_cfg.rationale_dim)
+    else:
+        tgt = human_targets(df, targets)
+    if limit is not None:
+        df = df.iloc[:limit].reset_index(drop=True)
+        tgt = _cut(tgt, limit)
+    cfg = TrainConfig(
+        epochs=epochs, batch_size=batch_size, lr=lr, head_lr=head_lr, seed=seed, checkpoint_every=checkpoint_every,
+        device=device or settings.train_device,
+        loss=LossConfig(kd_weight=kd_weight, ce_weight=ce_weight, align_weight=align_weight, temperature=temperature, align_kind=align_kind),  # type: ignore[arg-type]
+    )  # fmt: skip
+    trained_on = {"data": str(data), "data_sha256": sha256_file(data), "rows": len(df), "targets": tgt.source}
+    if labels is not None:
+        trained_on |= {"labels": str(labels), "labels_sha256": sha256_file(labels)}
+    eval_df = load_pairs(eval_path, require_grade=True) if eval_path is not None else None
+    _, report = train_offline_frame(df, tgt, cfg, student_cfg, out, resume=resume, keep_checkpoint=keep_checkpoint, trained_on=trained_on, eval_df=eval_df)
+    summary = {k: report[k] for k in ("steps", "seconds", "pairs_per_s", "last_loss", "metrics")}
+    click.echo(json.dumps({"model": str(out), **summary}, indent=2))
+
+
+def _cut(tgt: Any, n: int) -> Any:
+    from training.targets import Targets
+
+    return Targets(tgt.teacher_probs[:n], tgt.grades[:n], None if tgt.rationale is None else tgt.rationale[:n], tgt.has_rationale[:n], tgt.source)
 
 
 @train.command("online", help=NOT_BUILT.format(issue=7) + "Distil continuously from relevance.labels and publish gated versions.")
@@ -32,13 +105,23 @@ def train_online() -> None:
     not_built(7, "online distillation")
 
 
-@click.command(help=NOT_BUILT.format(issue=3) + "Batch-score a parquet file of pairs (adds score and the grade probabilities).")
-@click.option("--model", type=click.Path(file_okay=False, path_type=Path), required=True)
-@click.option("--data", type=click.Path(dir_okay=False, path_type=Path), required=True)
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True)
-def predict(model: Path, data: Path, out: Path) -> None:
-    command_settings()
-    not_built(3, "batch prediction")
+@click.command()
+@click.option("--model", type=click.Path(file_okay=False, path_type=Path), required=True, help="A model folder (from `train offline` or the registry).")
+@click.option("--data", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Parquet of pairs (query, product_id, title[, description]).")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Parquet to write: the input rows plus score, p_irrelevant, p_partial, p_exact.")
+@click.option("--batch-size", type=int, default=128, show_default=True)
+@click.option("--device", default=None, help="Torch device (default: BROADFAST_TRAIN_DEVICE, else cuda when available).")
+def predict(model: Path, data: Path, out: Path, batch_size: int, device: str | None) -> None:
+    """Batch-score a parquet file of pairs (adds score and the grade probabilities)."""
+    settings = command_settings()
+    _torch_threads(settings.torch_threads)
+    import torch
+
+    from training.predict import predict_file
+
+    dev = device or settings.train_device or ("cuda" if torch.cuda.is_available() else "cpu")
+    result = predict_file(model, data, out, batch_size=batch_size, device=dev)
+    click.echo(f"wrote {len(result)} scored pairs to {out}")
 
 
 @click.group()
@@ -46,21 +129,58 @@ def registry() -> None:
     """Model versions: list, show, publish."""
 
 
-@registry.command("list", help=NOT_BUILT.format(issue=3) + "List model versions.")
-def registry_list() -> None:
-    command_settings()
-    not_built(3, "the model registry")
+@registry.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifests as JSON.")
+def registry_list(as_json: bool) -> None:
+    """List model versions (oldest first; * marks the champion)."""
+    from training.registry import Registry
+
+    reg = Registry(command_settings())
+    manifests = reg.manifests()
+    if as_json:
+        click.echo(json.dumps([json.loads(m.to_json()) for m in manifests], indent=2))
+        return
+    if not manifests:
+        click.echo(f"no versions of {reg.name!r} in the registry")
+        return
+    champion = reg.champion()
+    import datetime as dt
+
+    for m in manifests:
+        when = dt.datetime.fromtimestamp(m.created_at, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+        metrics = " ".join(f"{k}={v:.4g}" for k, v in sorted(m.metrics.items()))
+        mark = "*" if m.version == champion else " "
+        click.echo(f"{mark} {m.version}  {when}  parent={m.parent or '-'}  sha256={m.sha256[:12]}  {metrics}")
 
 
-@registry.command("show", help=NOT_BUILT.format(issue=3) + "Show one version's manifest.")
+@registry.command("show")
 @click.argument("version")
 def registry_show(version: str) -> None:
-    command_settings()
-    not_built(3, "the model registry")
+    """Show one version's manifest."""
+    from training.registry import Registry
+
+    reg = Registry(command_settings())
+    manifest = json.loads(reg.show(version).to_json())
+    manifest["champion"] = reg.champion() == version
+    click.echo(json.dumps(manifest, indent=2, sort_keys=True))
 
 
-@registry.command("publish", help=NOT_BUILT.format(issue=3) + "Register a model folder as a new version and announce it.")
+@registry.command("publish")
 @click.argument("model_dir", type=click.Path(file_okay=False, path_type=Path))
-def registry_publish(model_dir: Path) -> None:
-    command_settings()
-    not_built(3, "the model registry")
+@click.option("--parent", default=None, help="The version this one was trained from.")
+@click.option("--metrics", default=None, help='JSON object of metrics (default: those in the folder\'s training.json), e.g. \'{"spearman": 0.52}\'.')
+@click.option("--champion", is_flag=True, help="Make it the champion (the first version always is).")
+def registry_publish(model_dir: Path, parent: str | None, metrics: str | None, champion: bool) -> None:
+    """Register a model folder as a new version and announce it on relevance.models."""
+    from training.registry import Registry
+
+    parsed = None
+    if metrics is not None:
+        try:
+            parsed = json.loads(metrics)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"--metrics is not valid JSON: {exc}") from None
+        if not isinstance(parsed, dict):
+            raise ConfigError("--metrics must be a JSON object of name → number")
+    manifest = Registry(command_settings()).publish(model_dir, parent=parent, metrics=parsed, champion=champion)
+    click.echo(json.dumps({"version": manifest.version, "uri": manifest.uri, "sha256": manifest.sha256}, indent=2))

@@ -34,12 +34,11 @@ from typing import Any, Protocol
 from broadfast.settings import Settings
 from streams.events import ModelPublished
 from training.errors import ChecksumMismatch, RegistryError
-from training.student import CONFIG_FILE, WEIGHTS_FILE, Student, load_student
+from training.student import WEIGHTS_FILE, Student, load_student
 
 log = logging.getLogger(__name__)
 
 MANIFEST_FILE = "manifest.json"
-DEFAULT_NAME = "student"
 
 
 def sha256_file(path: Path) -> str:
@@ -126,9 +125,9 @@ class LocalStore:
 class Registry:
     """Publish, list, show, verify and load student versions."""
 
-    def __init__(self, settings: Settings, store: ArtifactStore | None = None, redis_client: Any | None = None, name: str = DEFAULT_NAME) -> None:
+    def __init__(self, settings: Settings, store: ArtifactStore | None = None, redis_client: Any | None = None, name: str | None = None) -> None:
         self.settings = settings
-        self.name = name
+        self.name = name or settings.registry_name
         self.store = store if store is not None else LocalStore(settings.registry_path)
         self._redis = redis_client
 
@@ -237,7 +236,7 @@ class Registry:
     def versions(self) -> list[str]:
         return [v.decode() for v in self._call("list versions", self.redis.zrange, self._key("versions"), 0, -1)]
 
-    def list(self) -> list[Manifest]:
+    def manifests(self) -> list[Manifest]:
         """Every version, oldest first."""
         return [self.show(v) for v in self.versions()]
 
@@ -303,5 +302,3 @@ def _numeric(metrics: dict[str, Any]) -> dict[str, float]:
             out[str(key)] = float(value)
     return out
 
-
-__all__ = ["ArtifactStore", "LocalStore", "Manifest", "Registry", "sha256_file", "CONFIG_FILE"]

@@ -267,7 +267,7 @@ class Generation:
 class Engine(Protocol):
     """The two calls an LLM backend provides, batched; each item may fail on its own."""
 
-    model: str
+    model_name: str
 
     def generate(self, prompts: list[str], *, max_tokens: int, stop: Sequence[str], temperature: float, seed: int | None) -> list[Generation]:
         ...
@@ -292,7 +292,7 @@ class LLMTeacher:
 
     @property
     def teacher_id(self) -> str:
-        return teacher_id_for(self.backend, self.engine.model, self.template, self.rules)
+        return teacher_id_for(self.backend, self.engine.model_name, self.template, self.rules)
 
     def label(self, pairs: Sequence[Pair]) -> list[Result]:
         names = list(self.template.perspectives)

@@ -75,6 +75,10 @@ class VLLMEngine:
             backoff_s=settings.teacher_backoff_s,
         )
 
+    @property
+    def model_name(self) -> str:
+        return self.model
+
     # -- the Engine contract ---------------------------------------------------------------
     def generate(self, prompts: list[str], *, max_tokens: int, stop: Sequence[str], temperature: float, seed: int | None) -> list[Generation]:
         body = {"max_tokens": max_tokens, "temperature": temperature, "stop": list(stop)}

@@ -1,0 +1,254 @@
+"""The stream worker (``broadfast stream``): a faust-streaming app over scored pairs and clicks.
+
+Two agents, each taking batches of up to ``stream_batch_size`` raw records:
+
+* ``relevance.scored`` → :class:`~streams.sampler.HardCaseSampler` (hard cases to
+  ``relevance.hardcases``) and :class:`~streams.counters.StreamCounters` (``scored``);
+* ``relevance.clicks`` → the counters (``impressions``, ``clicks``).
+
+After each batch the touched ad/query counters are pushed to the Feast online store
+(``ad_counters_push`` / ``query_counters_push``). A record that does not decode goes to the
+dead-letter topic and the batch goes on. faust acknowledges a batch only after it was
+processed and its hard cases were flushed to the broker, so the worker is at least once;
+the counters are exactly once on top of that (per-partition high-water marks, see
+:mod:`streams.counters`), and a replayed hard case is re-sent, never lost.
+
+**State lives in Redis, not in faust Tables.** Tables are changelog-backed and recovered
+by reading the changelog up to its end offset; Tansu reports that offset wrong, so recovery
+needs ``producer_max_batch_size=1`` (one record per produce request), and memory storage
+loses changelogs with the broker anyway. Redis already holds the online features, is shared
+by every worker (one labeling budget for all) and makes the offset marks atomic with the
+counts in one script.
+
+Run it: ``broadfast stream`` (or ``python -m streams.app``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from broadfast.errors import BroadfastError, EventValidationError
+from broadfast.settings import Settings
+from streams.events import Event, decode
+
+log = logging.getLogger(__name__)
+
+CONSUMER_NAME = "stream"
+
+
+def faust_app_id(settings: Settings) -> str:
+    """The faust app id, which is also its consumer group: ``<prefix>.stream``."""
+    return f"{settings.topic_prefix}.{CONSUMER_NAME}"
+
+
+def faust_config(settings: Settings) -> dict[str, Any]:
+    """faust ``App`` settings rendered from ours (the faust twin of ``kafka_consumer_config``).
+
+    >>> cfg = faust_config(Settings(kafka_bootstrap="h1:1,h2:2", kafka_flavor="tansu", stream_web_port=0))
+    >>> cfg["broker"], cfg["broker_session_timeout"], cfg["producer_max_batch_size"], cfg["web_enabled"]
+    ('kafka://h1:1;h2:2', 6, 1, False)
+    >>> "broker_session_timeout" in faust_config(Settings(kafka_flavor="kafka"))
+    False
+    """
+    app_id = faust_app_id(settings)
+    cfg: dict[str, Any] = {
+        "id": app_id,
+        "broker": "kafka://" + ";".join(settings.kafka_bootstrap.split(",")),
+        # Tansu has no transactions, and Kafka needs none here: counters are exactly once
+        # through Redis high-water marks, hard cases are at least once.
+        "processing_guarantee": "at_least_once",
+        "consumer_auto_offset_reset": "earliest",
+        "topic_partitions": settings.topic_partitions,
+        "topic_replication_factor": 1,
+        "broker_commit_interval": 1.0,
+        "consumer_max_fetch_size": max(settings.max_event_bytes * 6, 1_048_576),
+        "producer_max_request_size": max(settings.max_event_bytes * 6, 1_048_576),
+        "store": "memory://",  # no faust Tables (see the module docstring)
+        "datadir": str(settings.home / "stream" / app_id),
+        "web_enabled": settings.stream_web_port != 0,
+        "web_bind": settings.stream_web_host,
+        "web_host": settings.stream_web_host,
+        "web_port": settings.stream_web_port or 6066,
+    }
+    if settings.kafka_flavor == "tansu":
+        # Measured on the embedded broker (design map): short sessions rebalance fast; its
+        # ListOffsets(latest) is off by a batch, which breaks changelog recovery unless each
+        # produce request carries one record.
+        cfg |= {"broker_session_timeout": 6, "broker_heartbeat_interval": 2, "producer_max_batch_size": 1}
+    return cfg
+
+
+@dataclass
+class WorkerStats:
+    batches: int = 0
+    scored: int = 0
+    clicks: int = 0
+    hardcases: int = 0
+    deadletters: int = 0
+    counted: int = 0
+    pushed_rows: int = 0
+    seconds: dict[str, float] = field(default_factory=lambda: {"sampler": 0.0, "counters": 0.0, "push": 0.0, "publish": 0.0})
+
+
+class StreamProcessor:
+    """The work of the agents, as plain synchronous code (tests call it directly).
+
+    One instance per worker process; its batches run one at a time on one thread.
+    """
+
+    def __init__(self, settings: Settings, bus: Any | None = None, redis_client: Any | None = None, feature_store: Any | None = None) -> None:
+        import redis
+
+        from streams.bus import EventBus
+        from streams.counters import StreamCounters
+        from streams.deadletter import DeadLetters
+        from streams.sampler import HardCaseSampler
+
+        self.settings = settings
+        self.bus = bus if bus is not None else EventBus(settings)
+        self.redis = redis_client if redis_client is not None else redis.Redis.from_url(settings.redis_url)
+        self.deadletters = DeadLetters(settings, self.bus, CONSUMER_NAME)
+        self.sampler = HardCaseSampler(settings, self.redis)
+        self.counters = StreamCounters(settings, self.redis)
+        self.store = feature_store
+        if self.store is None and settings.stream_push_features:
+            from features.store import OnlineFeatures, feature_store as make_store
+
+            self.store = make_store(settings)
+            OnlineFeatures(settings, store=self.store)  # fails clearly when the repo is not applied
+        self.stats = WorkerStats()
+
+    def decode_batch(self, short_topic: str, records: Sequence[tuple[str, int, int, bytes | None]]) -> list[tuple[Event, Any]]:
+        """Validated events with their source; the rest go to the dead-letter topic."""
+        from streams.sampler import Source
+
+        out = []
+        for topic, partition, offset, value in records:
+            try:
+                event = decode(short_topic, value, max_bytes=self.settings.max_event_bytes)
+            except EventValidationError as exc:
+                self.deadletters.send(topic, partition, offset, str(exc), value)
+                self.stats.deadletters += 1
+                continue
+            out.append((event, Source(topic, partition, offset)))
+        return out
+
+    def process(self, short_topic: str, records: Sequence[tuple[str, int, int, bytes | None]]) -> None:
+        """Process one batch of raw records of ``scored`` or ``clicks`` (in partition order)."""
+        items = self.decode_batch(short_topic, records)
+        self.stats.batches += 1
+        if short_topic == "scored":
+            self.stats.scored += len(items)
+            t0 = time.perf_counter()
+            hard = self.sampler.process(items)  # type: ignore[arg-type]
+            t1 = time.perf_counter()
+            for case in hard:
+                self.bus.publish(case)
+            self.stats.hardcases += len(hard)
+            self.stats.seconds["sampler"] += t1 - t0
+            self.stats.seconds["publish"] += time.perf_counter() - t1
+        else:
+            self.stats.clicks += len(items)
+        self.bus.flush()  # hard cases and dead letters are on the broker before the batch is acked
+        t0 = time.perf_counter()
+        applied, touched = self.counters.apply(items)
+        self.stats.counted += applied
+        t1 = time.perf_counter()
+        self.stats.seconds["counters"] += t1 - t0
+        if self.store is not None and touched:
+            from features.store import push_counters
+
+            self.stats.pushed_rows += push_counters(self.store, self.counters.read(touched), touched)
+            self.stats.seconds["push"] += time.perf_counter() - t1
+
+    def close(self) -> None:
+        try:
+            self.bus.close()
+        finally:
+            self.redis.close()
+
+
+def create_app(settings: Settings, processor: StreamProcessor | None = None) -> Any:
+    """The faust app with its two agents and a periodic stats log line."""
+    import faust
+
+    app = faust.App(**faust_config(settings))
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stream-batch")
+    state: dict[str, StreamProcessor] = {}
+
+    def proc() -> StreamProcessor:
+        if "p" not in state:
+            state["p"] = processor if processor is not None else StreamProcessor(settings)
+        return state["p"]
+
+    async def run_batch(short_topic: str, events: Sequence[Any]) -> None:
+        records = [(e.message.topic, e.message.partition, e.message.offset, e.message.value) for e in events]
+        loop = asyncio.get_running_loop()
+        delay = 0.5
+        for attempt in range(1, 6):
+            try:
+                await loop.run_in_executor(executor, proc().process, short_topic, records)
+                return
+            except BroadfastError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - Redis/broker hiccups: retry, then crash (nothing acked)
+                if attempt == 5:
+                    log.exception("batch of %d %s records failed %d times: stopping the worker (offsets not committed)", len(records), short_topic, attempt)
+                    raise
+                log.warning("batch of %d %s records failed (%s): retry %d in %.1f s", len(records), short_topic, exc, attempt, delay)
+                await asyncio.sleep(delay)
+                delay *= 2
+
+    def agent_for(short_topic: str) -> None:
+        topic = app.topic(settings.topic(short_topic), value_serializer="raw", key_serializer="raw")
+
+        async def agent(stream: Any) -> None:
+            async for events in stream.take_events(settings.stream_batch_size, within=settings.stream_batch_within_s):
+                await run_batch(short_topic, events)
+
+        agent.__name__ = f"{short_topic}_agent"
+        app.agent(topic, name=f"{faust_app_id(settings)}.{short_topic}")(agent)
+
+    agent_for("scored")
+    agent_for("clicks")
+
+    @app.timer(interval=30.0)
+    async def report() -> None:
+        if "p" in state:
+            s = state["p"].stats
+            log.info(
+                "stream: %d scored, %d clicks, %d hard cases (%s), %d dead letters, %d counted",
+                s.scored, s.clicks, s.hardcases, state["p"].sampler.stats.as_dict(), s.deadletters, s.counted,
+            )
+
+    app._broadfast_processor = proc  # noqa: SLF001 - for the worker's shutdown hook
+    return app
+
+
+def run_worker(settings: Settings) -> None:
+    """Run one faust worker in this process until SIGINT/SIGTERM."""
+    import faust
+
+    from streams.bus import ensure_topics
+
+    ensure_topics(settings)
+    app = create_app(settings)
+    app._broadfast_processor()  # connect Redis, the bus and Feast before joining the group
+    worker = faust.Worker(app, loglevel=settings.log_level.lower(), quiet=True)
+    log.info("stream worker %s on %s (%s flavor)", faust_app_id(settings), settings.kafka_bootstrap, settings.kafka_flavor)
+    try:
+        worker.execute_from_commandline()
+    finally:
+        app._broadfast_processor().close()
+
+
+if __name__ == "__main__":  # pragma: no cover - `python -m streams.app`
+    from broadfast.cli_support import command_settings
+
+    run_worker(command_settings())
