@@ -50,7 +50,9 @@ def machine() -> str:
 def markdown_table(headers: list[str], rows: list[list[object]]) -> str:
     def cell(v: object) -> str:
         if isinstance(v, float):
-            return f"{v:,.2f}" if abs(v) < 100 else f"{v:,.0f}"
+            if v != v:
+                return "—"
+            return f"{v:.4f}" if abs(v) < 10 else f"{v:,.2f}" if abs(v) < 100 else f"{v:,.0f}"
         if isinstance(v, int):
             return f"{v:,}"
         return str(v)

@@ -1,7 +1,4 @@
-"""Command-line commands of the demo (registered on the `broadfast` group in broadfast/cli.py).
-
-Keep imports of heavy libraries inside the command functions so `broadfast --help` stays fast.
-"""
+"""The `broadfast demo` command (the main job); the orchestration lives in broadfast/demo.py."""
 
 from __future__ import annotations
 
@@ -9,14 +6,40 @@ from pathlib import Path
 
 import click
 
-from broadfast.cli_support import NOT_BUILT, command_settings, not_built
+from broadfast.cli_support import command_settings
 
 
-@click.command(help=NOT_BUILT.format(issue=7) + "The main job: the whole loop on the embedded stack with a live view and a summary.")
-@click.option("--duration", type=float, default=300.0, show_default=True, help="Seconds of traffic.")
+@click.command()
+@click.option("--duration", type=click.FloatRange(min=1), default=300.0, show_default=True, help="Seconds of replayed traffic.")
 @click.option("--teacher", type=click.Choice(["transformers", "oracle", "vllm"]), default=None, help="Teacher backend [BROADFAST_TEACHER_BACKEND].")
 @click.option("--data", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Data set to replay [BROADFAST_DATA].")
-@click.option("--summary", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the summary as JSON here.")
-def demo(duration: float, teacher: str | None, data: Path | None, summary: Path | None) -> None:
-    command_settings()
-    not_built(7, "the demo (the whole online loop)")
+@click.option("--summary", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Also write the summary as JSON here.")
+@click.option("--rate", type=click.FloatRange(min=0.1), default=5.0, show_default=True, help="Search requests per second.")
+@click.option("--student", type=click.Choice(["minilm", "tiny"]), default="minilm", show_default=True, help="First student when the registry has none: MiniLM, or a tiny random encoder (tests).")
+@click.option("--bootstrap-pairs", type=click.IntRange(min=16), default=600, show_default=True, help="Human-labelled pairs the first student is trained on.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--no-live", is_flag=True, help="No live terminal view (logs only).")
+def demo(duration: float, teacher: str | None, data: Path | None, summary: Path | None, rate: float, student: str, bootstrap_pairs: int, seed: int, no_live: bool) -> None:
+    """The main job: the whole online loop on the embedded stack.
+
+    \b
+    Starts the embedded broker and Redis, a first student (the registry's champion, or
+    one bootstrapped from a small human-labelled slice), the scoring API, the stream app,
+    the labeling worker (teacher: BROADFAST_TEACHER_BACKEND, the local transformers
+    model by default), the online trainer and the monitor; replays traffic from the data
+    set for --duration seconds with a live view of traffic, hard cases, labels, versions,
+    swaps, latency and teacher–student agreement; then writes a drift report, prints a
+    summary (JSON with --summary) and shuts everything down. Ctrl-C shuts down cleanly too.
+    State and logs go under $BROADFAST_HOME/demo.
+    """
+    from broadfast.demo import DemoConfig, render_summary, run_demo
+
+    settings = command_settings(teacher_backend=teacher)
+    config = DemoConfig(
+        duration_s=duration, teacher=settings.teacher_backend, data=data, summary=summary, rate=rate,
+        student=student, bootstrap_pairs=bootstrap_pairs, seed=seed, live=not no_live,
+    )  # fmt: skip
+    result = run_demo(settings, config)
+    click.echo(render_summary(result))
+    if result["components_died"]:
+        raise SystemExit(1)

@@ -141,6 +141,38 @@ class Settings(BaseSettings):
     guardrail_p99_ratio: float = Field(default=2.0, gt=1, description="Challenger p99 over champion p99 above which the guardrail trips.")
     auto_rollback: bool = Field(default=True, description="Roll an experiment back automatically when a guardrail trips.")
 
+    # -- serving (issue 5): add fields below this line ----
+    serve_device: str | None = Field(default=None, description="Torch device of the scoring API ('cpu', 'cuda', 'cuda:1'); default: cuda when available.")
+    serve_batching: bool = Field(default=True, description="Micro-batch pairs across concurrent requests (off: each request runs alone, the naive baseline).")
+    serve_max_batch_pairs: int = Field(default=256, ge=1, description="Most pairs gathered into one micro-batch (a request is never split).")
+    serve_max_wait_ms: float = Field(default=2.0, ge=0, description="Longest wait for more requests once a micro-batch has its first one (ms).")
+    serve_forward_batch: int = Field(default=64, ge=1, description="Pairs per forward pass inside a micro-batch (length-sorted buckets).")
+    serve_max_ads: int = Field(default=500, ge=1, description="Most ads in one scoring request (more: 413).")
+    serve_max_text_chars: int = Field(default=20_000, ge=1, description="Longest query, ad title or ad text in characters (longer: 422).")
+    serve_max_body_bytes: int = Field(default=4_000_000, ge=1024, description="Largest scoring request body in bytes (larger: 413).")
+    serve_probe_agreement_floor: float = Field(
+        default=0.75, ge=0, le=1, description="A new version is refused when its agreement with the live model on the probe pairs (1 - mean |score difference|) is below this."
+    )
+    serve_scored_buffer: int = Field(default=2_000, ge=1, description="Requests whose scored events wait for the broker; beyond it events are dropped (and counted).")
+    serve_swap_on_publish: bool = Field(default=True, description="Hot-swap to each version announced on relevance.models that passes the checks.")
+    serve_experiment_poll_s: float = Field(default=1.0, gt=0, description="Seconds between two reads of the A/B experiment in Redis (and flushes of the per-arm counts).")
+    serve_features: bool = Field(default=False, description="Read each request's online features from Feast and record them in the scored events.")
+    serve_keep_alive_s: float = Field(default=75.0, gt=0, description="Idle keep-alive of client connections (seconds); longer than clients' own idle expiry, so the server never closes a connection a client is reusing.")
+
+    # -- online loop and demo (issue 7): add fields below this line -----------------------
+    online_round_labels: int = Field(default=32, ge=1, description="Online trainer: new labels that start a training round.")
+    online_round_wait_s: float = Field(default=5.0, gt=0, description="Online trainer: longest wait before a round starts with fewer labels (but at least one).")
+    online_steps_per_round: int = Field(default=4, ge=1, description="Online trainer: optimizer steps per round.")
+    online_batch_size: int = Field(default=16, ge=1, description="Online trainer: pairs per step.")
+    online_replay_fraction: float = Field(default=0.5, ge=0, le=1, description="Online trainer: share of each batch drawn from the reservoir of older labels.")
+    online_reservoir_size: int = Field(default=5000, ge=1, description="Online trainer: older labels kept for replay (reservoir sampling).")
+    online_lr: float = Field(default=3e-5, gt=0, description="Online trainer: encoder learning rate (extractor and head: 10x).")
+    online_val_pairs: int = Field(default=400, ge=10, description="Online trainer: pairs in the fixed validation slice.")
+    online_val_share: float = Field(default=0.2, gt=0, lt=1, description="Online trainer: share of the data set's queries held out for validation (never trained on).")
+    online_gate_metric: Literal["spearman", "ndcg@10", "macro_f1"] = Field(default="spearman", description="Online trainer: validation metric of the publish gate.")
+    online_gate_tolerance: float = Field(default=0.0, ge=0, description="Online trainer: publish when the candidate is at most this much below the live model.")
+    online_publish_every_s: float = Field(default=15.0, ge=0, description="Online trainer: shortest time between two published versions.")
+
     # -- process -----------------------------------------------------------------------
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(default="INFO", description="Log level.")
     torch_threads: int = Field(default=1, ge=1, description="Torch intra-op threads on CPU.")

@@ -47,7 +47,15 @@ def counter_features(kind: str) -> tuple[str, ...]:
 
 def definitions(data_dir: Path) -> list[Any]:
     """Every Feast object of the repo, with its file sources under ``data_dir``."""
-    from feast import Entity, FeatureService, FeatureView, Field, FileSource, PushSource, ValueType
+    from feast import (
+        Entity,
+        FeatureService,
+        FeatureView,
+        Field,
+        FileSource,
+        PushSource,
+        ValueType,
+    )
     from feast.types import Float64, Int64
 
     # -- entities -------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import os
 import re
 import time
 from collections.abc import Mapping, Sequence
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
@@ -124,7 +124,7 @@ def build_ad_attributes(data: Path, out: Path, ts: datetime | None = None) -> in
             "ad_title_words": first["title"].str.split().str.len().fillna(0).astype("int64").to_numpy(),
             "ad_description_chars": first["description"].str.len().astype("int64").to_numpy(),
             "ad_dataset_queries": first["queries"].astype("int64").to_numpy(),
-            "event_timestamp": pd.Timestamp(ts or datetime.now(timezone.utc)),
+            "event_timestamp": pd.Timestamp(ts or datetime.now(UTC)),
         }
     )
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -160,11 +160,11 @@ def apply(settings: Settings, data: Path | None = None) -> dict[str, Any]:
 def materialize(settings: Settings, end: datetime | None = None) -> dict[str, Any]:
     """Load the batch features (ad attributes) into the Redis online store."""
     store = feature_store(settings)
-    end = end or datetime.now(timezone.utc) + timedelta(seconds=1)
+    end = end or datetime.now(UTC) + timedelta(seconds=1)
     t0 = time.perf_counter()
     try:
-        store.materialize(start_date=datetime(2000, 1, 1, tzinfo=timezone.utc), end_date=end, feature_views=["ad_attributes"])
-    except Exception as exc:  # noqa: BLE001 - Feast raises many kinds; say which step failed
+        store.materialize(start_date=datetime(2000, 1, 1, tzinfo=UTC), end_date=end, feature_views=["ad_attributes"])
+    except Exception as exc:
         if "not found" in str(exc).lower() or "FeatureViewNotFound" in type(exc).__name__:
             raise FeatureStoreError("the feature repo is not applied yet: run `broadfast features apply` first") from exc
         raise
@@ -176,7 +176,7 @@ def counter_frames(values: Mapping[tuple[str, str], Any], windows: Mapping[tuple
     """Push-source data frames (``ad`` and ``query``) from counter values."""
     import pandas as pd
 
-    ts = ts or datetime.now(timezone.utc)
+    ts = ts or datetime.now(UTC)
     rows: dict[str, list[dict[str, Any]]] = {"ad": [], "query": []}
     for (kind, ent), v in values.items():
         rows[kind].append(
@@ -193,13 +193,22 @@ def counter_frames(values: Mapping[tuple[str, str], Any], windows: Mapping[tuple
     return {kind: pd.DataFrame(r) for kind, r in rows.items() if r}
 
 
-def push_counters(store: Any, values: Mapping[tuple[str, str], Any], windows: Mapping[tuple[str, str], int]) -> int:
-    """Write counter values to the online store through the push sources; returns rows pushed."""
+def push_counters(store: Any, values: Mapping[tuple[str, str], Any], windows: Mapping[tuple[str, str], int], *, via_push_source: bool = False) -> int:
+    """Write counter values to the online store; returns rows written.
+
+    ``FeatureStore.push(push_source, df)`` looks every feature view of the push source up in
+    the registry and lists every feature service (for ``precompute_online``) on each call; the
+    stream knows its one view per push source, so by default it calls
+    ``FeatureStore.write_to_online_store(view, df)`` — the step ``push`` ends in — directly.
+    """
     from feast.data_source import PushMode
 
     frames = counter_frames(values, windows)
     for kind, frame in frames.items():
-        store.push(defs.AD_PUSH if kind == "ad" else defs.QUERY_PUSH, frame, to=PushMode.ONLINE)
+        if via_push_source:
+            store.push(defs.AD_PUSH if kind == "ad" else defs.QUERY_PUSH, frame, to=PushMode.ONLINE)
+        else:
+            store.write_to_online_store(f"{kind}_stream_counters", frame)
     return sum(len(f) for f in frames.values())
 
 
@@ -217,7 +226,7 @@ class OnlineFeatures:
         self.store = store if store is not None else feature_store(settings)
         try:
             self.service = self.store.get_feature_service(service)
-        except Exception as exc:  # noqa: BLE001 - Feast's not-found error class moved between versions
+        except Exception as exc:
             raise FeatureStoreError(f"feature service {service!r} is not registered: run `broadfast features apply`") from exc
         self.names = [f.name for proj in self.service.feature_view_projections for f in proj.features]
 

@@ -38,8 +38,7 @@ import numpy as np
 import pandas as pd
 
 from broadfast.settings import Settings
-from monitoring.window import PROB_COLUMNS
-from streams.events import pair_id
+from monitoring.window import PROB_COLUMNS, pair_ids, sample
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +124,7 @@ class ABResult:
 def _arm_stats(arm: str, scored: pd.DataFrame, shown: pd.DataFrame, counts: dict[str, int]) -> ArmStats:
     per_request = scored.drop_duplicates("request_id")
     lat = per_request["latency_ms"].to_numpy(dtype=float)
-    impressions, clicks = int(len(shown)), int(shown["clicked"].sum()) if len(shown) else 0
+    impressions, clicks = len(shown), int(shown["clicked"].sum()) if len(shown) else 0
     scores = scored["score"].to_numpy(dtype=float)
     labelled = scored[scored["label"].notna()] if "label" in scored.columns else scored.iloc[:0]
     agree = None
@@ -137,8 +136,8 @@ def _arm_stats(arm: str, scored: pd.DataFrame, shown: pd.DataFrame, counts: dict
     return ArmStats(
         arm=arm,
         model_version=str(versions.index[0]) if len(versions) else None,
-        requests=int(len(per_request)),
-        scored_pairs=int(len(scored)),
+        requests=len(per_request),
+        scored_pairs=len(scored),
         impressions=impressions,
         clicks=clicks,
         ctr=clicks / impressions if impressions else 0.0,
@@ -147,7 +146,7 @@ def _arm_stats(arm: str, scored: pd.DataFrame, shown: pd.DataFrame, counts: dict
         score_quantiles={f"p{q}": float(np.quantile(scores, q / 100)) for q in (10, 50, 90)} if len(scores) else {},
         latency_p50_ms=float(np.percentile(lat, 50)) if len(lat) else None,
         latency_p99_ms=float(np.percentile(lat, 99)) if len(lat) else None,
-        labelled_pairs=int(len(labelled)),
+        labelled_pairs=len(labelled),
         teacher_agreement=agree,
         served_requests=served,
         errors=errors,
@@ -175,9 +174,10 @@ def compare(
     mine = scored[scored["experiment_id"] == exp_id].copy() if len(scored) else scored
     if labels is not None and len(labels) and len(mine):
         teacher = labels.drop_duplicates("pair_id", keep="last").set_index("pair_id")["label"]
-        mine["label"] = pd.Series([pair_id(q, a) for q, a in zip(mine["query"], mine["ad_id"])], index=mine.index).map(teacher)
-    arm_of = mine.drop_duplicates(["request_id", "ad_id"]).set_index(["request_id", "ad_id"])["arm"] if len(mine) else pd.Series(dtype=object)
-    shown = clicks.join(arm_of, on=["request_id", "ad_id"], how="inner") if len(clicks) and len(arm_of) else pd.DataFrame(columns=["arm", "clicked"])
+        mine["label"] = pd.Series(pair_ids(mine["query"], mine["ad_id"]), index=mine.index).map(teacher)
+    # A request is served by one arm: its clicks are that arm's impressions.
+    arm_of = mine.drop_duplicates("request_id").set_index("request_id")["arm"] if len(mine) else pd.Series(dtype=object)
+    shown = pd.DataFrame({"arm": clicks["request_id"].map(arm_of), "clicked": clicks["clicked"]}).dropna(subset=["arm"]) if len(clicks) and len(arm_of) else pd.DataFrame(columns=["arm", "clicked"])
     counts = counts or {}
     arms = {arm: _arm_stats(arm, mine[mine["arm"] == arm] if len(mine) else mine, shown[shown["arm"] == arm], counts.get(arm, {})) for arm in ("champion", "challenger")}
     champ, chall = arms["champion"], arms["challenger"]
@@ -206,12 +206,12 @@ def compare(
         verdict, reason = "keep_running", f"no significant CTR difference yet ({chall.ctr:.4f} vs {champ.ctr:.4f}, p={p:.2g})"
     result = ABResult(exp_id, arms, lift, z, p, verdict, reason, tripped)
     if reports and len(mine):
-        result.snapshots = evidently_reports(mine, experiment)
+        result.snapshots = evidently_reports(mine, experiment, settings.monitor_sample_rows)
     log.info("A/B %s: %s — %s", exp_id, verdict, reason)
     return result
 
 
-def evidently_reports(scored: pd.DataFrame, experiment: Any) -> dict[str, Any]:
+def evidently_reports(scored: pd.DataFrame, experiment: Any, sample_rows: int = 20_000) -> dict[str, Any]:
     """Evidently snapshots: score distributions (challenger vs champion) and, per arm with
     enough labelled pairs, a classification report against the teacher or human labels."""
     from evidently import DataDefinition, Dataset, MulticlassClassification, Report
@@ -220,7 +220,9 @@ def evidently_reports(scored: pd.DataFrame, experiment: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     frame = scored.copy()
     frame["pred_grade"] = frame[list(PROB_COLUMNS)].to_numpy(dtype=float).argmax(axis=1).astype(str)
-    champ, chall = frame[frame["arm"] == "champion"], frame[frame["arm"] == "challenger"]
+    # Both kinds of report run on bounded samples of each arm (monitor_sample_rows).
+    champ, chall = (sample(frame[frame["arm"] == arm], sample_rows, seed=i) for i, arm in enumerate(("champion", "challenger")))
+    labelled = {arm: frame[(frame["arm"] == arm) & frame["label"].notna()] if "label" in frame.columns else frame.iloc[:0] for arm in ("champion", "challenger")}
     meta = {"experiment_id": experiment.experiment_id, "champion": experiment.champion, "challenger": experiment.challenger}
     if len(champ) >= 30 and len(chall) >= 30:
         cols = ["score", "latency_ms", "pred_grade"]
@@ -230,14 +232,13 @@ def evidently_reports(scored: pd.DataFrame, experiment: Any) -> dict[str, Any]:
             Dataset.from_pandas(champ[cols].reset_index(drop=True), data_definition=dd),
             name=f"A/B {experiment.experiment_id}: challenger vs champion scores",
         )
-    if "label" in frame.columns:
-        for arm, part in (("champion", champ), ("challenger", chall)):
-            labelled = part[part["label"].notna()]
-            if len(labelled) < MIN_LABELLED:
-                continue
-            data = pd.DataFrame({"label": labelled["label"].astype(int).astype(str).to_numpy(), "pred_grade": labelled["pred_grade"].to_numpy()})
-            dd = DataDefinition(categorical_columns=["label", "pred_grade"], classification=[MulticlassClassification(target="label", prediction_labels="pred_grade")])
-            out[f"classification_{arm}"] = Report([ClassificationPreset()], metadata=meta | {"arm": arm}, tags=["ab", "classification", arm]).run(
-                Dataset.from_pandas(data, data_definition=dd), None, name=f"A/B {experiment.experiment_id}: {arm} vs labels"
-            )
+    for arm, rows in labelled.items():
+        rows = sample(rows, sample_rows, seed=7)
+        if len(rows) < MIN_LABELLED:
+            continue
+        data = pd.DataFrame({"label": rows["label"].astype(int).astype(str).to_numpy(), "pred_grade": rows["pred_grade"].to_numpy()})
+        dd = DataDefinition(categorical_columns=["label", "pred_grade"], classification=[MulticlassClassification(target="label", prediction_labels="pred_grade")])
+        out[f"classification_{arm}"] = Report([ClassificationPreset()], metadata=meta | {"arm": arm}, tags=["ab", "classification", arm]).run(
+            Dataset.from_pandas(data, data_definition=dd), None, name=f"A/B {experiment.experiment_id}: {arm} vs labels"
+        )
     return out

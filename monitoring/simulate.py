@@ -61,6 +61,15 @@ def shuffled(base: SimModel) -> SimModel:
     return model
 
 
+def score_pairs(df: pd.DataFrame, model: SimModel, seed: int = 0) -> pd.DataFrame:
+    """``df`` (pairs with a ``grade``) plus ``score`` and ``p_*`` columns from a simulated model."""
+    probs = model(df["grade"].to_numpy(dtype=int), np.random.default_rng(seed))
+    out = df.copy()
+    for name, col in score_columns(probs).items():
+        out[name] = col
+    return out
+
+
 def simulate_ab(
     df: pd.DataFrame,
     experiment: Any,

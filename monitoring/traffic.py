@@ -35,53 +35,53 @@ TOPICS = ("scored", "clicks", "labels", "hardcases")
 
 
 class TrafficWindow:
-    """The most recent events of each monitored kind, bounded."""
+    """The most recent events of each monitored kind, bounded, kept as compact rows."""
 
     def __init__(self, max_events: int) -> None:
-        self.scored: deque[Scored] = deque(maxlen=max_events)
-        self.clicks: deque[Click] = deque(maxlen=max_events)
-        self.labels: deque[TeacherLabel] = deque(maxlen=max_events)
-        self.hardcases: deque[HardCase] = deque(maxlen=max_events)
+        self.scored: deque[tuple] = deque(maxlen=max_events)
+        self.clicks: deque[tuple] = deque(maxlen=max_events)
+        self.labels: deque[tuple] = deque(maxlen=max_events)
+        self.hardcases: deque[tuple] = deque(maxlen=max_events)
         self.skipped = 0
 
     def add(self, event: Event) -> None:
         if isinstance(event, Scored):
-            self.scored.append(event)
+            self.scored.append(tuple(getattr(event, f) for f in SCORED_FIELDS) + (event.grade_probs, event.features or None))
         elif isinstance(event, Click):
-            self.clicks.append(event)
+            self.clicks.append(tuple(getattr(event, f) for f in CLICK_FIELDS))
         elif isinstance(event, TeacherLabel):
-            self.labels.append(event)
+            self.labels.append((event.pair_id, int(np.argmax(event.probs)), event.ts))
         elif isinstance(event, HardCase):
-            self.hardcases.append(event)
+            self.hardcases.append((event.pair_id, event.ts))
 
     def __len__(self) -> int:
         return len(self.scored)
 
     def frames(self) -> dict[str, pd.DataFrame]:
+        """``scored``, ``clicks``, ``labels`` and ``hardcases`` frames (see the module docstring)."""
         return {
             "scored": scored_frame(self.scored),
-            "clicks": pd.DataFrame(
-                [(c.request_id, c.ts, c.query, c.ad_id, c.position, c.clicked, c.user_id) for c in self.clicks],
-                columns=["request_id", "ts", "query", "ad_id", "position", "clicked", "user_id"],
-            ),
-            "labels": pd.DataFrame([(lab.pair_id, int(np.argmax(lab.probs)), lab.ts) for lab in self.labels], columns=["pair_id", "label", "ts"]),
-            "hardcases": pd.DataFrame([(h.pair_id, h.ts) for h in self.hardcases], columns=["pair_id", "ts"]),
+            "clicks": pd.DataFrame(list(self.clicks), columns=list(CLICK_FIELDS)),
+            "labels": pd.DataFrame(list(self.labels), columns=["pair_id", "label", "ts"]),
+            "hardcases": pd.DataFrame(list(self.hardcases), columns=["pair_id", "ts"]),
         }
 
 
 SCORED_FIELDS = ("request_id", "ts", "query", "ad_id", "ad_title", "position", "score", "model_version", "arm", "experiment_id", "latency_ms", "user_id")
+CLICK_FIELDS = ("request_id", "ts", "query", "ad_id", "position", "clicked", "user_id")
 
 
-def scored_frame(events: Any) -> pd.DataFrame:
-    """Scored events as a frame (``p_*`` and ``f_*`` columns spread out)."""
-    events = list(events)
-    df = pd.DataFrame([[getattr(e, f) for f in SCORED_FIELDS] for e in events], columns=list(SCORED_FIELDS))
-    probs = np.array([e.grade_probs for e in events], dtype=float).reshape(-1, 3)
+def scored_frame(rows: Any) -> pd.DataFrame:
+    """Rows kept by :class:`TrafficWindow` as a frame (``p_*`` and ``f_*`` columns spread out)."""
+    rows = list(rows)
+    n = len(SCORED_FIELDS)
+    df = pd.DataFrame([r[:n] for r in rows], columns=list(SCORED_FIELDS))
+    probs = np.array([r[n] for r in rows], dtype=float).reshape(-1, 3)
     for i, c in enumerate(PROB_COLUMNS):
         df[c] = probs[:, i]
-    names = sorted({k for e in events for k in e.features})
+    names = sorted({k for r in rows if r[n + 1] for k in r[n + 1]})
     for name in names:
-        df[f"f_{name}"] = [e.features.get(name, np.nan) for e in events]
+        df[f"f_{name}"] = [r[n + 1].get(name, np.nan) if r[n + 1] else np.nan for r in rows]
     return df
 
 

@@ -109,13 +109,28 @@ def window_from_traffic(scored: pd.DataFrame, labels: pd.DataFrame | None = None
     if scored.empty:
         raise WindowError("no scored traffic in the window")
     out = scored.rename(columns={"ad_title": "title"}).copy()
-    out["pair_id"] = [pair_id(q, a) for q, a in zip(out["query"], out["ad_id"])]
+    out["pair_id"] = pair_ids(out["query"], out["ad_id"])
     if labels is not None and not labels.empty:
         teacher = labels.drop_duplicates("pair_id", keep="last").set_index("pair_id")["label"]
         out["label"] = out["pair_id"].map(teacher)
     if hardcases is not None:
         out["hard_case"] = out["pair_id"].isin(set(hardcases["pair_id"])).astype(float)
     return out
+
+
+def pair_ids(queries: pd.Series, ad_ids: pd.Series) -> np.ndarray:
+    """:func:`streams.events.pair_id` of each row, hashed once per distinct (query, ad) pair.
+
+    >>> pair_ids(pd.Series(["a", "a"]), pd.Series(["x", "x"])).tolist() == [pair_id("a", "x")] * 2
+    True
+    """
+    q_codes, q_uniques = pd.factorize(queries.astype(str))
+    a_codes, a_uniques = pd.factorize(ad_ids.astype(str))
+    combined = q_codes.astype(np.int64) * max(len(a_uniques), 1) + a_codes
+    distinct, inverse = np.unique(combined, return_inverse=True)
+    n_ads = max(len(a_uniques), 1)
+    hashed = np.array([pair_id(q_uniques[c // n_ads], a_uniques[c % n_ads]) for c in distinct], dtype=object)
+    return hashed[inverse]
 
 
 def sample(window: pd.DataFrame, rows: int, seed: int = 0) -> pd.DataFrame:
@@ -128,8 +143,10 @@ def sample(window: pd.DataFrame, rows: int, seed: int = 0) -> pd.DataFrame:
 
 def query_frequency_bucket(queries: pd.Series) -> pd.Series:
     """Bucket each query by its share of the rows it came from (head ≥ 1%, torso ≥ 0.1%)."""
-    norm = queries.str.lower().str.strip()
-    share = norm.map(norm.value_counts(normalize=True))
+    codes, uniques = pd.factorize(queries)  # normalise each distinct query once
+    norm_codes, _ = pd.factorize(pd.Index(uniques).str.lower().str.strip())
+    per_row = norm_codes[codes]
+    share = pd.Series(np.bincount(per_row)[per_row] / max(len(queries), 1), index=queries.index)
     out = pd.Series("tail", index=queries.index, dtype=object)
     out[share >= FREQ_BUCKETS[1][0]] = FREQ_BUCKETS[1][1]
     out[share >= FREQ_BUCKETS[0][0]] = FREQ_BUCKETS[0][1]
@@ -176,7 +193,7 @@ def window_stats(frame: pd.DataFrame, rows: int) -> dict[str, float | int | None
 
     return {
         "rows": int(rows),
-        "sampled_rows": int(len(frame)),
+        "sampled_rows": len(frame),
         "score_mean": mean("score"),
         "hard_case_rate": mean("hard_case"),
         "label_agreement": mean("label_agreement"),

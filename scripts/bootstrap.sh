@@ -48,6 +48,15 @@ if [[ ",$EXTRAS," =~ ,(all|teacher), ]]; then
 fi
 if [[ ",$EXTRAS," =~ ,test, ]]; then
   "$VENV/bin/python" scripts/fetch_compose_schema.py
+  # The Evidently UI test loads the page in a real headless browser: Debian's Chromium.
+  if ! command -v chromium >/dev/null 2>&1; then
+    if command -v apt-get >/dev/null 2>&1 && [[ "$(id -u)" == 0 ]]; then
+      echo "bootstrap: installing Debian's chromium for the UI test"
+      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+    else
+      echo "bootstrap: warning: no chromium on PATH; the UI test will fail (install Debian's 'chromium')" >&2
+    fi
+  fi
 fi
 rm -f "$VENV"/.broadfast-*
 touch "$stamp"

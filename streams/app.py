@@ -31,6 +31,7 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from broadfast.errors import BroadfastError, EventValidationError
@@ -118,10 +119,15 @@ class StreamProcessor:
         self.counters = StreamCounters(settings, self.redis)
         self.store = feature_store
         if self.store is None and settings.stream_push_features:
-            from features.store import OnlineFeatures, feature_store as make_store
+            from features.errors import FeatureStoreError
+            from features.store import OnlineFeatures
+            from features.store import feature_store as make_store
 
             self.store = make_store(settings)
-            OnlineFeatures(settings, store=self.store)  # fails clearly when the repo is not applied
+            try:
+                OnlineFeatures(settings, store=self.store)  # fails clearly when the repo is not applied
+            except FeatureStoreError as exc:
+                raise FeatureStoreError(f"{exc} (or run the stream without the Feast push: --no-features / BROADFAST_STREAM_PUSH_FEATURES=false)") from exc
         self.stats = WorkerStats()
 
     def decode_batch(self, short_topic: str, records: Sequence[tuple[str, int, int, bytes | None]]) -> list[tuple[Event, Any]]:
@@ -143,19 +149,22 @@ class StreamProcessor:
         """Process one batch of raw records of ``scored`` or ``clicks`` (in partition order)."""
         items = self.decode_batch(short_topic, records)
         self.stats.batches += 1
+        sent = []
         if short_topic == "scored":
             self.stats.scored += len(items)
             t0 = time.perf_counter()
             hard = self.sampler.process(items)  # type: ignore[arg-type]
             t1 = time.perf_counter()
-            for case in hard:
-                self.bus.publish(case)
+            sent = [self.bus.publish(case) for case in hard]
             self.stats.hardcases += len(hard)
             self.stats.seconds["sampler"] += t1 - t0
             self.stats.seconds["publish"] += time.perf_counter() - t1
         else:
             self.stats.clicks += len(items)
         self.bus.flush()  # hard cases and dead letters are on the broker before the batch is acked
+        failed = [f.exception for f in sent if f.failed()]
+        if failed:  # the batch is retried (its claims make the retry re-send, not drop, the cases)
+            raise RuntimeError(f"{len(failed)} hard case(s) could not be written: {failed[0]}")
         t0 = time.perf_counter()
         applied, touched = self.counters.apply(items)
         self.stats.counted += applied
@@ -178,7 +187,9 @@ def create_app(settings: Settings, processor: StreamProcessor | None = None) -> 
     """The faust app with its two agents and a periodic stats log line."""
     import faust
 
-    app = faust.App(**faust_config(settings))
+    cfg = faust_config(settings)
+    Path(cfg["datadir"]).mkdir(parents=True, exist_ok=True)
+    app = faust.App(**cfg)
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stream-batch")
     state: dict[str, StreamProcessor] = {}
 
@@ -197,7 +208,7 @@ def create_app(settings: Settings, processor: StreamProcessor | None = None) -> 
                 return
             except BroadfastError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - Redis/broker hiccups: retry, then crash (nothing acked)
+            except Exception as exc:
                 if attempt == 5:
                     log.exception("batch of %d %s records failed %d times: stopping the worker (offsets not committed)", len(records), short_topic, attempt)
                     raise
@@ -227,7 +238,7 @@ def create_app(settings: Settings, processor: StreamProcessor | None = None) -> 
                 s.scored, s.clicks, s.hardcases, state["p"].sampler.stats.as_dict(), s.deadletters, s.counted,
             )
 
-    app._broadfast_processor = proc  # noqa: SLF001 - for the worker's shutdown hook
+    app._broadfast_processor = proc
     return app
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from broadfast.cli_support import NOT_BUILT, command_settings, not_built
+from broadfast.cli_support import command_settings
 
 
 # -- stack ---------------------------------------------------------------------------------
@@ -100,7 +100,20 @@ def replay(data: Path | None, rate: float, limit: int, seed: int, max_ads: int, 
 
 
 
-@click.command(help=NOT_BUILT.format(issue=6) + "The faust worker: hard-case sampling and stream counters.")
-def stream() -> None:
-    command_settings()
-    not_built(6, "the stream app")
+@click.command()
+@click.option("--budget", "stream_budget_per_s", type=float, default=None, help="Hard cases per second, shared by all workers [BROADFAST_STREAM_BUDGET_PER_S].")
+@click.option("--web-port", "stream_web_port", type=int, default=None, help="faust web (stats) port, 0 for none [BROADFAST_STREAM_WEB_PORT].")
+@click.option("--no-features", is_flag=True, help="Do not push counters to Feast [BROADFAST_STREAM_PUSH_FEATURES=false].")
+def stream(stream_budget_per_s: float | None, stream_web_port: int | None, no_features: bool) -> None:
+    """The faust worker: hard-case sampling and windowed counters.
+
+    Reads <prefix>.scored and <prefix>.clicks; writes hard cases (with their reasons) to
+    <prefix>.hardcases under the labeling budget, keeps impressions/clicks/CTR per ad and
+    per query in Redis and pushes them to the Feast online store (run `broadfast features
+    apply` first, or pass --no-features). Run more of them to scale: they share one group,
+    one budget and one set of counters. See docs/stream.md.
+    """
+    from streams.app import run_worker
+
+    settings = command_settings(stream_budget_per_s=stream_budget_per_s, stream_web_port=stream_web_port, stream_push_features=False if no_features else None)
+    run_worker(settings)

@@ -9,7 +9,10 @@ makes a re-read cheap and keeps one label per pair and teacher. A pair the teach
 label (no rationale, unreadable grade, time-out) goes to the dead-letter topic with the
 reason; a teacher that cannot be reached at all stops the worker without committing.
 
-The labelled hash is the one place that says "pairs labelled":
+Two Redis records say "pairs labelled", both written after the labels are flushed: this
+teacher's hash :func:`labelled_key` (field pair_id → label time; the worker's idempotence) and
+the teacher-agnostic set :func:`streams.sampler.labelled_pairs_key` (``<prefix>:labelled_pairs``,
+defined by the hard-case sampler, whose novelty check reads it):
 
 >>> from broadfast.settings import Settings
 >>> labelled_key(Settings(topic_prefix="relevance"), "oracle:human-grades(dev.parquet)")
@@ -28,6 +31,7 @@ from broadfast.settings import Settings
 from streams.bus import EventBus, consume, make_consumer
 from streams.deadletter import DeadLetters
 from streams.events import HardCase, encode
+from streams.sampler import labelled_pairs_key
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +79,11 @@ class Labeler:
 
     def process(self, deliveries: list[Any]) -> None:
         """Label one batch of deliveries; publishes, flushes and records them (does not commit)."""
-        from training.teacher.labels import embed_rationales, pair_from_hardcase, to_event
+        from training.teacher.labels import (
+            embed_rationales,
+            pair_from_hardcase,
+            to_event,
+        )
         from training.teacher.mpcot import Label
 
         self.stats.consumed += len(deliveries)
@@ -88,6 +96,7 @@ class Labeler:
         todo = [(hc, d) for pid, (hc, d) in cases.items() if pid not in done]
         self.stats.skipped += len(deliveries) - len(todo)
         if not todo:
+            self.bus.flush()  # dead letters of invalid records in this poll, before the commit
             return
         t0 = time.perf_counter()
         results = self.teacher.label([pair_from_hardcase(hc) for hc, _ in todo])
@@ -103,7 +112,11 @@ class Labeler:
         self.bus.flush()  # the labels are written before they count as done
         if ok:
             stamp = str(time.time())
-            self.redis.hset(labelled_key(self.settings, self.teacher_id), mapping={r.pair.pair_id: stamp for r, _ in ok})
+            ids = [r.pair.pair_id for r, _ in ok]
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.hset(labelled_key(self.settings, self.teacher_id), mapping=dict.fromkeys(ids, stamp))
+            pipe.sadd(labelled_pairs_key(self.settings), *ids)  # what the hard-case sampler's novelty check reads
+            pipe.execute()
         self.stats.labelled += len(ok)
 
     def run(
@@ -111,25 +124,29 @@ class Labeler:
         *,
         idle_polls: int | None = None,
         max_batches: int | None = None,
+        max_records: int | None = None,
         on_batch: Callable[[LabelerStats], None] | None = None,
     ) -> LabelerStats:
-        """Consume until stopped (or ``idle_polls`` empty polls in a row, or ``max_batches``)."""
+        """Consume until stopped (or ``idle_polls`` empty polls in a row, ``max_batches`` batches,
+        or ``max_records`` hard cases consumed)."""
         consumer = make_consumer(self.settings, ["hardcases"], self.settings.labeler_group, max_poll_records=self.settings.labeler_batch)
         pending: list[Any] = []
         try:
             for delivery in consume(self.settings, consumer, self.deadletters, max_records=self.settings.labeler_batch, idle_polls=idle_polls):
                 if delivery is not None:
                     pending.append(delivery)
-                if pending and (delivery is None or len(pending) >= self.settings.labeler_batch):
+                enough = max_records is not None and self.stats.consumed + len(pending) >= max_records
+                if pending and (delivery is None or enough or len(pending) >= self.settings.labeler_batch):
                     self.process(pending)
                     consumer.commit()  # only after the labels were flushed: at-least-once
                     pending = []
                     if on_batch is not None:
                         on_batch(self.stats)
-                    if max_batches is not None and self.stats.batches >= max_batches:
+                    if (max_batches is not None and self.stats.batches >= max_batches) or enough:
                         break
                 elif delivery is None:
-                    consumer.commit()  # bad records sent to dead letters still move the offsets on
+                    self.bus.flush()  # dead letters of records that did not validate are written first
+                    consumer.commit()  # then their offsets move on
         finally:
             consumer.close(autocommit=False)
         log.info(

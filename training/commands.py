@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from broadfast.cli_support import NOT_BUILT, command_settings, not_built
+from broadfast.cli_support import command_settings
 from broadfast.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ def train_offline(data: Path, labels: Path | None, out: Path, targets: str, extr
     from training.targets import human_targets, label_targets, read_labels
 
     df = load_pairs(data)
-    student_kw: dict[str, Any] = dict(extractor=extractor, n_perspectives=n_perspectives, latent_dim=latent_dim, max_length=max_length)
+    student_kw: dict[str, Any] = {"extractor": extractor, "n_perspectives": n_perspectives, "latent_dim": latent_dim, "max_length": max_length}
     student_cfg = StudentConfig.tiny(**student_kw) if from_scratch_tiny else StudentConfig.minilm(**student_kw)
     if labels is not None:
         df, tgt = label_targets(df, read_labels(labels), n_perspectives, student_cfg.rationale_dim)
@@ -99,10 +99,31 @@ def _cut(tgt: Any, n: int) -> Any:
     return Targets(tgt.teacher_probs[:n], tgt.grades[:n], None if tgt.rationale is None else tgt.rationale[:n], tgt.has_rationale[:n], tgt.source)
 
 
-@train.command("online", help=NOT_BUILT.format(issue=7) + "Distil continuously from relevance.labels and publish gated versions.")
-def train_online() -> None:
-    command_settings()
-    not_built(7, "online distillation")
+@train.command("online")
+@click.option("--max-rounds", type=click.IntRange(min=1), default=None, help="Stop after this many training rounds (default: run until stopped).")
+@click.option("--val-data", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Human-graded pairs for the validation slice [BROADFAST_DATA].")
+def train_online(max_rounds: int | None, val_data: Path | None) -> None:
+    """Distil continuously from relevance.labels and publish gated versions.
+
+    \b
+    Keeps a replay buffer (fresh labels + a reservoir of older ones), trains in small
+    rounds with the LRKD losses, and publishes a new version (ModelPublished → hot swap)
+    only when it is not worse than the live one on a fixed, query-disjoint validation
+    slice. Label offsets are committed once the labels are inside a published or
+    checkpointed model; a restart resumes from the checkpoint. See docs/online.md.
+    """
+    import signal
+    import threading
+
+    from training.online import run_online
+
+    settings = command_settings()
+    _torch_threads(settings.torch_threads)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    trainer = run_online(settings, stop=stop, max_rounds=max_rounds, val_data=val_data)
+    click.echo(f"online trainer stopped after {trainer.rounds} rounds, {trainer.steps} steps, {trainer.labels_trained} labels; live version {trainer.live_version}")
 
 
 @click.command()
@@ -147,7 +168,7 @@ def registry_list(as_json: bool) -> None:
     import datetime as dt
 
     for m in manifests:
-        when = dt.datetime.fromtimestamp(m.created_at, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+        when = dt.datetime.fromtimestamp(m.created_at, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
         metrics = " ".join(f"{k}={v:.4g}" for k, v in sorted(m.metrics.items()))
         mark = "*" if m.version == champion else " "
         click.echo(f"{mark} {m.version}  {when}  parent={m.parent or '-'}  sha256={m.sha256[:12]}  {metrics}")

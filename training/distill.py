@@ -56,7 +56,8 @@ class TrainConfig:
     seed: int = 0
     bucket_factor: int = 50
     checkpoint_every: int = 500  # steps; 0 = only at the end of each epoch
-    max_steps: int | None = None  # stop early (benchmarks)
+    checkpoint: bool = True  # False: no checkpoints at all (benchmarks)
+    max_steps: int | None = None  # stop after this global step (the schedule still spans all epochs)
     device: str | None = None  # None: cuda when available
     progress: bool = True
     loss: LossConfig = field(default_factory=LossConfig)
@@ -222,8 +223,7 @@ def train(student: Student, ts: TrainingSet, cfg: TrainConfig, out_dir: str | Pa
     opt = make_optimizer(student, cfg)
     n_batches = math.ceil(len(ts) / cfg.batch_size)
     total = cfg.epochs * n_batches
-    if cfg.max_steps is not None:
-        total = min(total, cfg.max_steps)
+    stop = min(total, cfg.max_steps) if cfg.max_steps is not None else total
     fingerprint = ts.fingerprint()
     seed_everything(cfg.seed)
     start_epoch, start_batch, step = 0, 0, 0
@@ -249,7 +249,7 @@ def train(student: Student, ts: TrainingSet, cfg: TrainConfig, out_dir: str | Pa
     pairs = 0
     t0 = time.perf_counter()
     student.train()
-    done = step >= total
+    done = step >= stop
     for epoch in range(start_epoch, cfg.epochs):
         if done:
             break
@@ -277,11 +277,12 @@ def train(student: Student, ts: TrainingSet, cfg: TrainConfig, out_dir: str | Pa
             bar.update(1)
             bar.set_postfix({k: f"{v:.3f}" for k, v in parts.items()})
             at_epoch_end = b + 1 == len(batches)
-            if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or at_epoch_end:
+            due = (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or at_epoch_end or step >= stop
+            if cfg.checkpoint and due:
                 nxt_epoch, nxt_batch = (epoch + 1, 0) if at_epoch_end else (epoch, b + 1)
                 state = {"epoch": nxt_epoch, "batch": nxt_batch, "step": step, "fingerprint": fingerprint, "train_config": cfg.to_dict()}
                 _save_checkpoint(student, opt, ckpt, state)
-            if step >= total:
+            if step >= stop:
                 done = True
                 break
         bar.close()

@@ -77,7 +77,7 @@ def align_loss(aligned: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
     if kind == "cosine":
         return (1.0 - F.cosine_similarity(a, t, dim=-1)).mean()
     if kind == "mse":
-        return F.mse_loss(a, t)
+        return ((a - t) ** 2).sum(-1).mean()  # squared distance per latent vector
     raise ValueError(f"align_kind must be 'cosine' or 'mse', got {kind!r}")
 
 

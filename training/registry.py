@@ -218,8 +218,16 @@ class Registry:
             name=manifest.name, version=manifest.version, parent_version=manifest.parent, uri=manifest.uri,
             sha256=manifest.sha256, metrics=manifest.metrics, trained_on=manifest.trained_on, ts=manifest.created_at,
         )  # fmt: skip
-        with EventBus(self.settings) as bus:
-            bus.publish(event).get(timeout=30)
+        from kafka.errors import KafkaError
+
+        try:
+            with EventBus(self.settings) as bus:
+                bus.publish(event).get(timeout=30)
+        except KafkaError as exc:
+            raise RegistryError(
+                f"{manifest.name} {manifest.version} is registered but its ModelPublished event was not sent "
+                f"(broker {self.settings.kafka_bootstrap}: {exc}); Registry.announce() can send it again"
+            ) from exc
 
     # -- read ----------------------------------------------------------------------------
     def _manifest_or_none(self, version: str) -> Manifest | None:

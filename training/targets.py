@@ -7,8 +7,10 @@ A labels file is a parquet (written by ``broadfast label --data … --out …``)
 * the teacher's grade distribution: ``probs`` (3 floats), or the three columns
   ``p_irrelevant``, ``p_partial``, ``p_exact``;
 * optionally ``rationale_embeddings``: per row a list of K lists of 384 floats (one
-  per perspective, in perspective order). Rows without them (null) are left out of the
-  alignment loss; a file without the column trains without alignment.
+  per perspective, in perspective order); or ``rationales`` (K texts per row), which are
+  then embedded here with the packaged MiniLM (:func:`training.embedder.shared_embedder`).
+  Rows with neither are left out of the alignment loss; a file with neither column trains
+  without alignment.
 
 Without a labels file the data's human judgements are the teacher: ``relevance`` spread
 linearly over the two neighbouring grades (so the expected score P(exact) + ½·P(partial)
@@ -92,7 +94,7 @@ def read_labels(path: str | Path) -> pd.DataFrame:
         raise LabelsError(f"labels file not found: {path}")
     try:
         raw = pd.read_parquet(path)
-    except Exception as exc:  # noqa: BLE001 - pyarrow raises many types
+    except Exception as exc:
         raise LabelsError(f"cannot read {path} as parquet: {exc}") from exc
     if "pair_id" in raw.columns:
         ids = raw["pair_id"].astype(str)
@@ -114,6 +116,7 @@ def read_labels(path: str | Path) -> pd.DataFrame:
         raise LabelsError(f"{path}: {int(bad.sum())} row(s) have probabilities that are not a distribution (first at row {int(np.argmax(bad))})")
     out = pd.DataFrame({"pair_id": ids.to_numpy(), "probs": list(probs.astype(np.float32))})
     out["rationale_embeddings"] = raw["rationale_embeddings"].to_numpy() if "rationale_embeddings" in raw.columns else None
+    out["rationales"] = raw["rationales"].to_numpy() if "rationales" in raw.columns else None
     dupes = out["pair_id"].duplicated(keep="last")
     if dupes.any():
         log.info("%s: %d duplicate pair(s); the last label of each wins", path, int(dupes.sum()))
@@ -133,6 +136,22 @@ def _embedding_array(value: object, k: int, dim: int) -> np.ndarray | None:
     return arr
 
 
+def _embed_missing(embeddings: list[np.ndarray | None], rationales: list[object], k: int, dim: int) -> None:
+    """Embed the rationale texts of rows that carry texts (K of them) but no embeddings, in place."""
+    todo = [i for i, (e, r) in enumerate(zip(embeddings, rationales)) if e is None and r is not None and not isinstance(r, float) and len(r) == k]  # type: ignore[arg-type]
+    if not todo:
+        return
+    from training.embedder import shared_embedder
+
+    texts = [str(t) for i in todo for t in rationales[i]]  # type: ignore[union-attr]
+    log.info("embedding %d rationales of %d labels with the packaged MiniLM", len(texts), len(todo))
+    vecs = shared_embedder().encode(texts)
+    if vecs.shape[1] != dim:
+        raise LabelsError(f"rationale embeddings are {vecs.shape[1]}-d, the student aligns to {dim}-d")
+    for n, i in enumerate(todo):
+        embeddings[i] = vecs[n * k : (n + 1) * k]
+
+
 def label_targets(df: pd.DataFrame, labels: pd.DataFrame, k: int, dim: int) -> tuple[pd.DataFrame, Targets]:
     """Join labels to data rows on the pair id; returns the labelled rows and their targets."""
     keys = pd.Series([pair_id(q, a) for q, a in zip(df["query"], df["product_id"])], index=df.index)
@@ -147,6 +166,7 @@ def label_targets(df: pd.DataFrame, labels: pd.DataFrame, k: int, dim: int) -> t
     probs = np.stack(matched["probs"].to_list()).astype(np.float32)
     grades = rows["grade"].to_numpy(dtype=np.int64) if "grade" in rows.columns else np.full(len(rows), -1, dtype=np.int64)
     embeddings = [_embedding_array(v, k, dim) for v in matched["rationale_embeddings"]]
+    _embed_missing(embeddings, matched["rationales"].to_list(), k, dim)
     has = np.array([e is not None for e in embeddings], dtype=bool)
     rationale = None
     if has.any():
@@ -154,7 +174,7 @@ def label_targets(df: pd.DataFrame, labels: pd.DataFrame, k: int, dim: int) -> t
         for i, e in enumerate(embeddings):
             if e is not None:
                 rationale[i] = e
-    wrong = int(sum(1 for v, e in zip(matched["rationale_embeddings"], embeddings) if e is None and v is not None))
+    wrong = int(sum(1 for v, e in zip(matched["rationale_embeddings"], embeddings) if e is None and v is not None and not (isinstance(v, float) and np.isnan(v))))
     if wrong:
         log.warning("%d label(s) carry rationale embeddings that are not %d × %d finite floats: left out of alignment", wrong, k, dim)
     log.info("rationale embeddings on %d of %d labelled rows (alignment %s)", int(has.sum()), len(rows), "on" if has.any() else "off")

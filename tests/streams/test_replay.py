@@ -14,7 +14,6 @@ import pytest
 
 from broadfast.settings import Settings
 from streams import events as ev
-from streams.bus import EventBus
 from streams.datasets import load_pairs
 from streams.replay import ClickModel, HttpScorer, Replayer, plan_requests
 from tests.conftest import read_topic

@@ -41,3 +41,11 @@ def labels_file(pairs: pd.DataFrame, tmp_path: Path) -> Path:
     path = tmp_path / "labels.parquet"
     make_labels(pairs).to_parquet(path, index=False)
     return path
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread() -> None:
+    """One torch thread: faster than two on these shared 2-core machines (measured)."""
+    import torch
+
+    torch.set_num_threads(1)

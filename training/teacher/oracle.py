@@ -25,7 +25,14 @@ from typing import Any
 import numpy as np
 
 from streams.events import GRADES
-from training.teacher.mpcot import Label, LabelFailure, Pair, PerspectiveLabel, Result, normalise
+from training.teacher.mpcot import (
+    Label,
+    LabelFailure,
+    Pair,
+    PerspectiveLabel,
+    Result,
+    normalise,
+)
 
 
 @dataclass

@@ -89,7 +89,8 @@ class VLLMEngine:
             out.extend(chunk)
         return out
 
-    def top_logprobs(self, prompts: list[str], *, positions: int, k: int) -> list[list[dict[str, float]] | str]:
+    def top_logprobs(self, prompts: list[str], *, positions: int, k: int, include: Sequence[str] = ()) -> list[list[dict[str, float]] | str]:
+        """The server's top-``k`` log-probs per step (``include`` cannot be forced over HTTP; ignored)."""
         body = {"max_tokens": positions, "temperature": 0.0, "logprobs": k}
         out: list[list[dict[str, float]] | str] = []
         for chunk in self._run(prompts, body, want_logprobs=True):
@@ -159,7 +160,7 @@ def parse_completions(data: Any, n: int, want_logprobs: bool) -> list[Any]:
     Raises ValueError/KeyError/TypeError for anything that is not that shape.
     """
     if not isinstance(data, dict) or not isinstance(data.get("choices"), list):
-        raise ValueError("no 'choices' list")
+        raise TypeError("no 'choices' list")
     choices = sorted(data["choices"], key=lambda c: int(c.get("index", 0)))
     if len(choices) != n or [int(c.get("index", i)) for i, c in enumerate(choices)] != list(range(n)):
         raise ValueError(f"expected {n} choices indexed 0..{n - 1}, got {len(choices)}")

@@ -1,0 +1,224 @@
+"""The monitor: every ``monitor_interval_s`` a drift report and the A/B comparison.
+
+Each round works on the rolling :class:`~monitoring.traffic.TrafficWindow` that the
+monitor's consumer group keeps filling (dead-lettering what does not validate):
+
+1. **drift** of the current window against the reference: the ``--reference`` file or
+   ``BROADFAST_MONITOR_REFERENCE`` when given, else the window stored for the serving
+   model version; the first window seen for a version becomes its stored reference.
+   Drift raises an ``Alert(kind="drift")``.
+2. **A/B**, when an experiment runs (:mod:`serving.experiments`): the comparison of
+   :mod:`monitoring.ab`. A tripped guardrail raises ``Alert(kind="guardrail",
+   severity="critical")`` and, with ``auto_rollback``, rolls the experiment back; a
+   significant win raises ``Alert(kind="ab_promote", severity="info")`` (promotion
+   stays an operator's decision).
+
+Every round writes its files under ``<home>/monitoring/rounds/<time>/`` and saves its
+Evidently snapshots into the workspace.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from broadfast.settings import Settings
+from monitoring.ab import compare
+from monitoring.drift import drift_report, write_report
+from monitoring.errors import WindowError
+from monitoring.traffic import TOPICS, TrafficWindow
+from monitoring.window import window_from_traffic
+from monitoring.workspace import (
+    AB_PROJECT,
+    DRIFT_PROJECT,
+    load_reference,
+    save_reference,
+    save_snapshot,
+)
+from streams.events import Alert, now
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RoundResult:
+    """What one monitoring round found and did."""
+
+    out_dir: Path
+    drift: dict[str, Any] | None = None
+    ab: dict[str, Any] | None = None
+    alerts: list[Alert] = field(default_factory=list)
+    rolled_back: bool = False
+    notes: list[str] = field(default_factory=list)
+
+
+class Monitor:
+    """Runs monitoring rounds; publishes alerts with ``bus`` and acts on ``store``.
+
+    ``bus``: an :class:`~streams.bus.EventBus` (None: alerts are only returned);
+    ``store``: an :class:`~serving.experiments.ExperimentStore` (None: no A/B);
+    ``reference``: a window (see :mod:`monitoring.window`) that overrides the stored ones.
+    """
+
+    def __init__(self, settings: Settings, *, bus: Any | None = None, store: Any | None = None, reference: pd.DataFrame | None = None, out_root: Path | None = None) -> None:
+        self.settings = settings
+        self.bus = bus
+        self.store = store
+        self.reference = reference
+        self.out_root = out_root or settings.home / "monitoring" / "rounds"
+
+    # -- one round ---------------------------------------------------------------------------
+    def run_round(self, window: TrafficWindow) -> RoundResult:
+        out = self.out_root / f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(2)}"
+        out.mkdir(parents=True, exist_ok=True)
+        result = RoundResult(out)
+        frames = window.frames()
+        self._drift(frames, result)
+        self._ab(frames, result)
+        for alert in result.alerts:
+            if self.bus is not None:
+                self.bus.publish(alert)
+        if self.bus is not None and result.alerts:
+            self.bus.flush()
+        (out / "round.json").write_text(
+            json.dumps({"drift": result.drift, "ab": result.ab, "alerts": [a.model_dump() for a in result.alerts], "rolled_back": result.rolled_back, "notes": result.notes}, indent=2, default=str)
+        )
+        return result
+
+    def _reference_for(self, version: str, current: pd.DataFrame, result: RoundResult) -> pd.DataFrame | None:
+        if self.reference is not None:
+            return self.reference
+        stored = load_reference(self.settings, version)
+        if stored is not None:
+            return stored
+        keep = [c for c in current.columns if c in {"query", "title", "score", "label", "hard_case"} or c.startswith(("p_", "f_"))]
+        save_reference(self.settings, version, current[keep].sample(min(len(current), self.settings.monitor_sample_rows * 2), random_state=0))
+        result.notes.append(f"no reference for model version {version}: this window is now its reference; drift is reported from the next round")
+        return None
+
+    def _drift(self, frames: dict[str, pd.DataFrame], result: RoundResult) -> None:
+        scored = frames["scored"]
+        if scored.empty:
+            result.notes.append("no scored traffic in the window: no drift report")
+            return
+        champion = scored[scored["arm"] == "champion"]
+        live = champion if len(champion) else scored
+        version = str(live["model_version"].value_counts().index[0])
+        current = window_from_traffic(live, frames["labels"], frames["hardcases"] if len(frames["hardcases"]) else None)
+        reference = self._reference_for(version, current, result)
+        if reference is None:
+            return
+        try:
+            report = drift_report(reference, current, self.settings, name=f"drift {version} {time.strftime('%Y-%m-%d %H:%M:%S')}", metadata={"model_version": version})
+        except WindowError as exc:
+            result.notes.append(f"no drift report: {exc}")
+            return
+        write_report(report, result.out_dir / "drift")
+        report.summary["snapshot_id"] = save_snapshot(self.settings, DRIFT_PROJECT, report.snapshot)
+        result.drift = report.summary
+        if report.summary["drift_detected"]:
+            result.alerts.append(
+                Alert(
+                    kind="drift",
+                    severity="warning",
+                    details={
+                        "model_version": version,
+                        "drifted_columns": report.summary["drifted_columns"],
+                        "drifted_share": report.summary["drifted_share"],
+                        "report": str(result.out_dir / "drift" / "drift.html"),
+                    },
+                    ts=now(),
+                )
+            )
+
+    def _ab(self, frames: dict[str, pd.DataFrame], result: RoundResult) -> None:
+        if self.store is None:
+            return
+        exp = self.store.running()
+        if exp is None:
+            return
+        ab = compare(exp, frames["scored"], frames["clicks"], self.settings, labels=frames["labels"], counts=self.store.counts(exp.experiment_id))
+        summary = ab.to_dict()
+        ab_dir = result.out_dir / "ab"
+        ab_dir.mkdir(parents=True, exist_ok=True)
+        for name, snap in ab.snapshots.items():
+            snap.save_html(str(ab_dir / f"{name}.html"))
+            snap.save_json(str(ab_dir / f"{name}.json"))
+            save_snapshot(self.settings, AB_PROJECT, snap)
+        details = {"experiment_id": exp.experiment_id, "champion": exp.champion, "challenger": exp.challenger, "verdict": ab.verdict, "reason": ab.reason}
+        if ab.verdict == "roll_back":
+            if self.settings.auto_rollback:
+                from serving.experiments import ExperimentError
+
+                try:
+                    self.store.rollback(reason=ab.reason)
+                    result.rolled_back = True
+                except ExperimentError as exc:  # ended meanwhile (an operator was faster)
+                    result.notes.append(f"rollback not needed: {exc}")
+            details["rolled_back"] = result.rolled_back
+            result.alerts.append(Alert(kind="guardrail", severity="critical", details=details | {"guardrails": ab.guardrails}, ts=now()))
+        elif ab.verdict == "promote":
+            result.alerts.append(Alert(kind="ab_promote", severity="info", details=details, ts=now()))
+        summary["rolled_back"] = result.rolled_back
+        (ab_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        result.ab = summary
+
+    # -- the loop ----------------------------------------------------------------------------
+    def run(self, *, stop: threading.Event | None = None, rounds: int | None = None, consumer: Any | None = None, deadletters: Any | None = None) -> list[RoundResult]:
+        """Consume the monitored topics and run a round every ``monitor_interval_s``.
+
+        Stops after ``rounds`` rounds (None: until ``stop`` is set). A round that fails is
+        logged and counted, and the loop goes on. Returns the results of the rounds that
+        completed (the last 100).
+        """
+        from streams.bus import consume, make_consumer
+        from streams.deadletter import DeadLetters
+
+        consumer = consumer or make_consumer(self.settings, TOPICS, "broadfast-monitor")
+        deadletters = deadletters or DeadLetters(self.settings, self.bus, "monitor")
+        window = TrafficWindow(self.settings.monitor_window_events)
+        results: list[RoundResult] = []
+        attempts = 0
+        next_round = time.monotonic() + self.settings.monitor_interval_s
+        try:
+            for delivery in consume(self.settings, consumer, deadletters, poll_timeout_ms=500):
+                if delivery is not None:
+                    window.add(delivery.event)
+                if stop is not None and stop.is_set():
+                    break
+                t = time.monotonic()
+                # A round runs once due, when the backlog is drained (an idle poll) or a
+                # whole interval late (traffic that never pauses).
+                if t < next_round or (delivery is not None and t < next_round + self.settings.monitor_interval_s):
+                    continue
+                if not len(window) and not len(window.clicks):
+                    log.info("monitor: no traffic yet on %s; next round in %g s", self.settings.topic("scored"), self.settings.monitor_interval_s)
+                    next_round = t + self.settings.monitor_interval_s
+                    continue
+                consumer.commit()
+                attempts += 1
+                try:
+                    result = self.run_round(window)
+                except Exception:
+                    log.exception("monitor round failed; the next one runs in %g s", self.settings.monitor_interval_s)
+                else:
+                    results = (results + [result])[-100:]
+                    log.info(
+                        "monitor round: %d scored events, drift %s, A/B %s, %d alert(s) → %s",
+                        len(window), "n/a" if result.drift is None else result.drift["drift_detected"],
+                        "n/a" if result.ab is None else result.ab["verdict"], len(result.alerts), result.out_dir,
+                    )
+                next_round = time.monotonic() + self.settings.monitor_interval_s
+                if rounds is not None and attempts >= rounds:
+                    break
+        finally:
+            consumer.close()
+        return results

@@ -1,0 +1,23 @@
+"""Errors of serving/: a refused model version, a request the API will not score."""
+
+from __future__ import annotations
+
+from broadfast.errors import BroadfastError
+
+
+class ServingError(BroadfastError):
+    """The scoring API cannot do what was asked."""
+
+
+class NotReady(ServingError):
+    """No model is loaded yet (the registry has no champion, or the first load failed)."""
+
+
+class SwapRefused(ServingError):
+    """A model version failed a check (``stage``: checksum, load, shapes, probe) and was not put live."""
+
+    def __init__(self, version: str, stage: str, reason: str) -> None:
+        self.version = version
+        self.stage = stage
+        self.reason = reason
+        super().__init__(f"version {version} refused at the {stage} check: {reason}")

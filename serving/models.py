@@ -1,0 +1,188 @@
+"""Model versions as the server holds them, and the checks a version passes before it goes live.
+
+A version goes live only after: its files match the registry manifest's sha256 (and the
+announcement's), the checkpoint loads with the shapes its config names
+(:func:`training.student.load_student`), its config is servable (three grades, token ids
+within the vocabulary, ``max_length`` within the position table), and a *probe batch*
+of fixed pairs gives finite probabilities in [0, 1] that agree with the live model:
+
+    agreement = 1 - mean |score_new - score_live|   (over the probe pairs)
+
+which must be at least ``BROADFAST_SERVE_PROBE_AGREEMENT_FLOOR``. A failed check raises
+:class:`~serving.errors.SwapRefused` naming the stage.
+
+>>> agreement(np.array([0.2, 0.8]), np.array([0.3, 0.7]))
+0.9
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from serving.errors import SwapRefused
+from streams.events import score_from_probs
+
+log = logging.getLogger(__name__)
+
+# Fixed probe pairs (query, ad text): a spread of exact, partial and irrelevant matches.
+PROBE_PAIRS: tuple[tuple[str, str], ...] = (
+    ("cordless drill", "20V MAX cordless drill driver kit with two batteries"),
+    ("cordless drill", "Garden hose 50 ft heavy duty"),
+    ("cordless drill", "Drill bit set titanium 29 piece"),
+    ("led light bulb", "60-Watt equivalent A19 dimmable LED light bulb soft white"),
+    ("led light bulb", "Ceiling fan with light kit 52 in."),
+    ("led light bulb", "Porch paint gloss white 1 gal."),
+    ("paint roller", "9 in. x 3/8 in. paint roller cover 3 pack"),
+    ("paint roller", "Paint tray liner plastic"),
+    ("paint roller", "Lawn mower blade 21 in."),
+    ("toilet seat", "Round closed front toilet seat in white"),
+    ("toilet seat", "Toilet flapper 2 in. universal"),
+    ("toilet seat", "Outdoor wall lantern black"),
+    ("pvc pipe 2 inch", "2 in. x 10 ft. PVC schedule 40 plain end pipe"),
+    ("pvc pipe 2 inch", "PVC cement and primer combo pack"),
+    ("pvc pipe 2 inch", "Ceramic floor tile 12 in. x 12 in."),
+    ("wood screws", "#8 x 1-1/4 in. phillips flat head wood screws 1 lb box"),
+    ("wood screws", "Drywall anchors with screws kit"),
+    ("wood screws", "Refrigerator water filter"),
+    ("smoke detector", "Battery operated smoke alarm with 10 year battery"),
+    ("smoke detector", "Carbon monoxide and smoke combination alarm"),
+    ("smoke detector", "Vinyl plank flooring gray oak"),
+    ("kitchen faucet", "Single-handle pull-down sprayer kitchen faucet in stainless steel"),
+    ("kitchen faucet", "Bathroom sink faucet chrome 4 in. centerset"),
+    ("kitchen faucet", "Extension ladder 24 ft aluminum"),
+)
+
+
+@dataclass(eq=False)
+class LiveModel:
+    """One resident version: the student and where it came from."""
+
+    version: str
+    student: Any  # training.student.Student
+    sha256: str
+    source: str
+    loaded_at: float = field(default_factory=time.time)
+
+    def info(self) -> dict[str, Any]:
+        cfg = self.student.config
+        return {"version": self.version, "sha256": self.sha256, "source": self.source, "loaded_at": self.loaded_at,
+                "extractor": cfg.extractor, "max_length": cfg.max_length}  # fmt: skip
+
+
+def device_of(settings: Any) -> str:
+    """The torch device models are served on (``BROADFAST_SERVE_DEVICE``, else cuda when available)."""
+    if settings.serve_device:
+        return settings.serve_device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_folder(path: str | Path, settings: Any) -> LiveModel:
+    """A model folder (``--model DIR``); its version is the manifest's, else ``<folder>-<sha8>``."""
+    from training.errors import CheckpointError
+    from training.registry import MANIFEST_FILE, sha256_file
+    from training.student import WEIGHTS_FILE, load_student
+
+    path = Path(path)
+    name = path.name or str(path)
+    try:
+        student = load_student(path, device_of(settings))
+    except CheckpointError as exc:
+        raise SwapRefused(name, "load", str(exc)) from exc
+    sha = sha256_file(path / WEIGHTS_FILE)
+    manifest = path / MANIFEST_FILE
+    version = json.loads(manifest.read_text()).get("version") if manifest.exists() else None
+    model = LiveModel(version or f"{name}-{sha[:8]}", student, sha, str(path.resolve()))
+    check_config(model)
+    return model
+
+
+def load_version(registry: Any, version: str, settings: Any, expected_sha256: str | None = None) -> LiveModel:
+    """A registry version: checksums against the manifest (and the announcement), then load."""
+    from training.errors import CheckpointError, RegistryError
+    from training.student import load_student
+
+    try:
+        manifest = registry.show(version)
+    except RegistryError as exc:
+        raise SwapRefused(version, "registry", str(exc)) from exc
+    try:
+        if expected_sha256 is not None and manifest.sha256 != expected_sha256:
+            raise SwapRefused(version, "checksum", f"the announcement's sha256 {expected_sha256[:16]}… differs from the registry manifest's {manifest.sha256[:16]}…")
+        folder = registry.verify(version)
+    except RegistryError as exc:  # ChecksumMismatch included
+        raise SwapRefused(version, "checksum", str(exc)) from exc
+    try:
+        student = load_student(folder, device_of(settings))
+    except CheckpointError as exc:
+        raise SwapRefused(version, "load", str(exc)) from exc
+    model = LiveModel(version, student, manifest.sha256, manifest.uri or str(folder))
+    check_config(model)
+    return model
+
+
+def check_config(model: LiveModel) -> None:
+    """The checkpoint is servable: three grades out, token ids inside the vocabulary, positions enough."""
+    student = model.student
+    last = [m for m in student.head.modules() if hasattr(m, "out_features")][-1]
+    if last.out_features != 3:
+        raise SwapRefused(model.version, "shapes", f"the head gives {last.out_features} outputs, serving needs 3 grades")
+    enc = student.encoder.config
+    if student.tokenizer is None:
+        raise SwapRefused(model.version, "shapes", "the model folder has no tokenizer")
+    if len(student.tokenizer) > enc.vocab_size:
+        raise SwapRefused(model.version, "shapes", f"the tokenizer has {len(student.tokenizer)} tokens but the encoder's vocabulary only {enc.vocab_size}")
+    if student.config.max_length > enc.max_position_embeddings:
+        raise SwapRefused(model.version, "shapes", f"max_length {student.config.max_length} exceeds the encoder's {enc.max_position_embeddings} positions")
+
+
+def probe_scores(model: LiveModel) -> tuple[np.ndarray, np.ndarray]:
+    """(probabilities, scores) of the probe pairs."""
+    queries = [q for q, _ in PROBE_PAIRS]
+    texts = [t for _, t in PROBE_PAIRS]
+    probs = model.student.predict_proba(queries, texts)
+    return probs, np.array([score_from_probs(p) for p in probs])
+
+
+def agreement(new: np.ndarray, live: np.ndarray) -> float:
+    """1 - mean absolute score difference (1: identical scores)."""
+    return round(1.0 - float(np.mean(np.abs(new - live))), 6)
+
+
+def spearman(new: np.ndarray, live: np.ndarray) -> float | None:
+    """Rank correlation of the probe scores (reported, not gated: near-constant scores make it noise)."""
+    from scipy.stats import spearmanr
+
+    value = float(spearmanr(new, live).statistic)
+    return value if math.isfinite(value) else None
+
+
+def probe(candidate: LiveModel, live: LiveModel | None, floor: float) -> dict[str, Any]:
+    """Run the probe batch; returns its report or raises :class:`SwapRefused` (stage ``probe``)."""
+    try:
+        probs, scores = probe_scores(candidate)
+    except Exception as exc:
+        raise SwapRefused(candidate.version, "probe", f"the probe batch failed: {exc}") from exc
+    if not np.isfinite(probs).all():
+        raise SwapRefused(candidate.version, "probe", "non-finite probabilities on the probe pairs")
+    if (probs < 0).any() or (probs > 1).any() or not np.allclose(probs.sum(1), 1.0, atol=1e-3):
+        raise SwapRefused(candidate.version, "probe", "probabilities outside [0, 1] or not summing to 1 on the probe pairs")
+    report: dict[str, Any] = {"pairs": len(PROBE_PAIRS), "mean_score": round(float(scores.mean()), 6)}
+    if live is not None:
+        _, live_scores = probe_scores(live)
+        report |= {"against": live.version, "agreement": agreement(scores, live_scores), "spearman": spearman(scores, live_scores), "floor": floor}
+        if report["agreement"] < floor:
+            raise SwapRefused(
+                candidate.version, "probe",
+                f"agreement with the live {live.version} is {report['agreement']:.3f} (1 - mean |Δscore| over {len(PROBE_PAIRS)} probe pairs), below the floor {floor}",
+            )  # fmt: skip
+    return report

@@ -1,0 +1,61 @@
+"""Running the API: uvicorn in the foreground (``broadfast serve``) or in a thread (tests, benchmarks).
+
+>>> # with ServerThread(create_app(settings, model_dir)) as server:
+>>> #     httpx.post(server.url + "/v1/score", json={...})
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from typing import Any, Self
+
+log = logging.getLogger(__name__)
+
+
+def run(app: Any, host: str, port: int, log_level: str = "info", keep_alive_s: float = 75.0) -> None:
+    """Serve ``app`` until interrupted (the process's logging config is kept)."""
+    import uvicorn
+
+    uvicorn.run(app, host=host, port=port, log_level=log_level.lower(), log_config=None, timeout_graceful_shutdown=10, timeout_keep_alive=int(keep_alive_s))
+
+
+class ServerThread:
+    """uvicorn on a free loopback port in a background thread; ``url`` once started."""
+
+    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning", startup_timeout_s: float = 120.0, keep_alive_s: float = 75.0) -> None:
+        import uvicorn
+
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, port))
+        self.host, self.port = host, self.sock.getsockname()[1]
+        self.url = f"http://{self.host}:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, log_config=None, lifespan="on", timeout_graceful_shutdown=10, timeout_keep_alive=int(keep_alive_s)))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, name=f"uvicorn-{self.port}", daemon=True)
+        self.startup_timeout_s = startup_timeout_s
+
+    def start(self) -> Self:
+        self.thread.start()
+        deadline = time.monotonic() + self.startup_timeout_s
+        while not self.server.started:
+            if not self.thread.is_alive():
+                raise RuntimeError("the scoring server failed to start (see the log above)")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"the scoring server did not start within {self.startup_timeout_s:.0f} s")
+            time.sleep(0.05)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=60)
+        self.sock.close()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,136 @@
+"""The monitor: drift alerts on shifted traffic, guardrail rollback through the real broker and Redis."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from broadfast.settings import Settings
+from monitoring.monitor import Monitor
+from monitoring.simulate import noisy_oracle, shuffled, simulate_ab, to_events
+from monitoring.traffic import TrafficWindow, read_recent
+from monitoring.window import window_from_pairs, window_from_traffic
+from monitoring.workspace import load_reference
+from serving.experiments import Experiment, ExperimentStore
+from streams.events import Alert, HardCase, Perspective, TeacherLabel, decode, pair_id
+from tests.conftest import read_topic
+from tests.monitoring.conftest import scored
+
+GOOD = noisy_oracle()
+SOLO = Experiment("none", "v-champ", "v-chall", 1e-9, "salt", "running", 0.0)  # everyone on the champion
+
+
+def traffic(df: pd.DataFrame, n_requests: int, seed: int = 0, experiment: Experiment = SOLO, models=None) -> TrafficWindow:
+    scored_df, clicks = simulate_ab(df, experiment, models or {"champion": GOOD, "challenger": GOOD}, n_requests=n_requests, seed=seed)
+    if experiment is SOLO:
+        scored_df["experiment_id"] = None
+    window = TrafficWindow(100_000)
+    for event in to_events(scored_df, clicks):
+        window.add(event)
+    return window
+
+
+def label(query: str, ad_id: str, grade: int) -> TeacherLabel:
+    probs = [0.05, 0.05, 0.05]
+    probs[grade] = 0.9
+    return TeacherLabel(pair_id=pair_id(query, ad_id), query=query, ad_id=ad_id, perspectives=[Perspective(name="oracle", rationale="human grade", probs=tuple(probs))],
+                        probs=tuple(probs), teacher_id="oracle", ts=1.0)
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return Settings(home=tmp_path / "home", monitor_sample_rows=5000, ab_min_impressions=500)
+
+
+def test_unshifted_traffic_raises_no_alert_and_shifted_traffic_does(settings: Settings, homedepot_dev: pd.DataFrame, crowdflower_dev: pd.DataFrame) -> None:
+    monitor = Monitor(settings, reference=window_from_pairs(scored(homedepot_dev)))
+    calm = monitor.run_round(traffic(homedepot_dev, 1000, seed=1))
+    assert calm.drift is not None and calm.drift["drift_detected"] is False, calm.drift["drifted_columns"]
+    assert calm.alerts == []
+    shifted = monitor.run_round(traffic(crowdflower_dev, 300, seed=2))
+    assert shifted.drift["drift_detected"] is True
+    (alert,) = shifted.alerts
+    assert alert.kind == "drift" and "query_tokens" in alert.details["drifted_columns"]
+    assert Path(alert.details["report"]).exists()
+    assert json.loads((shifted.out_dir / "drift" / "summary.json").read_text())["drift_detected"] is True
+    assert json.loads((shifted.out_dir / "round.json").read_text())["alerts"][0]["kind"] == "drift"
+
+
+def test_first_window_of_a_version_becomes_its_reference(settings: Settings, homedepot_dev: pd.DataFrame) -> None:
+    monitor = Monitor(settings)
+    first = monitor.run_round(traffic(homedepot_dev, 400, seed=3))
+    assert first.drift is None and "reference" in first.notes[0]
+    assert load_reference(settings, "v-champ") is not None
+    second = monitor.run_round(traffic(homedepot_dev, 400, seed=4))
+    assert second.drift is not None and second.drift["metadata"]["model_version"] == "v-champ"
+
+
+@pytest.mark.integration
+def test_monitor_rolls_back_a_worse_challenger_through_the_broker(bus_settings: Settings, homedepot_dev: pd.DataFrame, tmp_path: Path) -> None:
+    from streams.bus import EventBus
+
+    settings = bus_settings.model_copy(update={"home": tmp_path / "home", "monitor_interval_s": 2.0, "monitor_sample_rows": 5000, "ab_min_impressions": 500})
+    store = ExperimentStore.from_settings(settings)
+    exp = store.start("v-champ", "v-chall", 0.5, salt="guardrail-test")
+    scored_df, clicks = simulate_ab(homedepot_dev, exp, {"champion": GOOD, "challenger": shuffled(GOOD)}, n_requests=1500, seed=7)
+    store.record(exp.experiment_id, "champion", ok=True, n=700)
+    store.record(exp.experiment_id, "challenger", ok=True, n=800)
+    grades = homedepot_dev.set_index(["query", "product_id"])["grade"]
+    pairs = scored_df.drop_duplicates(["query", "ad_id"]).head(200)
+    with EventBus(settings) as bus:
+        for event in to_events(scored_df, clicks):
+            bus.publish(event)
+        for q, a in zip(pairs["query"], pairs["ad_id"]):
+            bus.publish(label(q, a, int(grades[(q, a)])))
+        bus.publish(HardCase(pair_id=pair_id(pairs["query"].iloc[0], pairs["ad_id"].iloc[0]), query=pairs["query"].iloc[0], ad_id=pairs["ad_id"].iloc[0], ad_title="t",
+                             reasons=["uncertain"], student_probs=(0.3, 0.4, 0.3), model_version="v-champ", ts=1.0))
+        bus.publish_raw("scored", b'{"not": "a scored event"}', key=b"x")
+        bus.flush()
+        window = read_recent(settings, idle_s=1.5)
+        assert len(window.scored) == len(scored_df) and window.skipped == 1 and len(window.labels) == 200
+
+        monitor = Monitor(settings, bus=bus, store=store, reference=window_from_pairs(scored(homedepot_dev)))
+        (result,) = monitor.run(rounds=1)
+
+    assert result.ab["verdict"] == "roll_back" and result.rolled_back, (result.ab["reason"], result.ab["arms"])
+    assert result.ab["arms"]["challenger"]["teacher_agreement"] < result.ab["arms"]["champion"]["teacher_agreement"]
+    assert store.running() is None and store.get(exp.experiment_id).status == "rolled_back"
+    assert (result.out_dir / "ab" / "classification_challenger.html").exists()
+    alerts = [decode("alerts", r.value) for r in read_topic(settings, "alerts", expect=1)]
+    guardrail = [a for a in alerts if isinstance(a, Alert) and a.kind == "guardrail"]
+    assert guardrail and guardrail[0].severity == "critical" and guardrail[0].details["rolled_back"] is True
+    assert result.drift is not None and result.drift["drift_detected"] is False
+    letters = read_topic(settings, "deadletter", expect=1)
+    assert letters and b"not" in letters[0].value
+
+
+def test_window_is_bounded_and_stream_counters_are_tested(settings: Settings, homedepot_dev: pd.DataFrame) -> None:
+    from streams.events import Scored
+
+    def window(ctr_shift: float, seed: int) -> TrafficWindow:
+        base = traffic(homedepot_dev, 400, seed=seed)
+        out = TrafficWindow(1500)
+        rng = np.random.default_rng(seed)
+        for row in scored_rows(base):
+            out.add(Scored.model_validate(row | {"features": {"query_ctr": float(np.clip(rng.normal(0.2 + ctr_shift, 0.05), 0, 1)), "impressions": 10.0}}))
+        return out
+
+    calm, shifted = window(0.0, 1), window(0.3, 2)
+    assert len(calm) == 1500  # bounded: the oldest events fell out
+    frames = calm.frames()
+    assert {"f_query_ctr", "f_impressions"} <= set(frames["scored"].columns)
+    monitor = Monitor(settings, reference=window_from_traffic(window(0.0, 3).frames()["scored"]))
+    assert monitor.run_round(calm).drift["columns"]["f_query_ctr"]["drifted"] is False
+    result = monitor.run_round(shifted)
+    assert "f_query_ctr" in result.drift["drifted_columns"] and "f_impressions" not in result.drift["drifted_columns"]
+
+
+def scored_rows(window: TrafficWindow) -> list[dict]:
+    from monitoring.traffic import SCORED_FIELDS
+
+    n = len(SCORED_FIELDS)
+    return [dict(zip(SCORED_FIELDS, r[:n])) | {"grade_probs": r[n]} for r in window.scored]

@@ -1,0 +1,61 @@
+"""`broadfast label --data FILE --out FILE`: the parquet that `train offline --labels` reads."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+from click.testing import CliRunner
+
+from broadfast.cli import main
+from streams.events import pair_id
+from training.teacher.labels import LABEL_COLUMNS, failures_path, label_file
+from training.teacher.mpcot import LLMTeacher
+from training.teacher.oracle import OracleTeacher
+
+
+def test_cli_batch_labels_a_file_with_the_oracle(shared_data, tmp_path, monkeypatch):
+    data = shared_data / "homedepot" / "dev.parquet"
+    out = tmp_path / "labels.parquet"
+    monkeypatch.setenv("BROADFAST_TEACHER_ORACLE_DATA", str(data))
+    res = CliRunner().invoke(main, ["label", "--teacher", "oracle", "--data", str(data), "--out", str(out), "--limit", "12"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.output[res.output.index("{") :])
+    assert summary["labelled"] == 12 and summary["failed"] == 0
+    df = pd.read_parquet(out)
+    assert set(LABEL_COLUMNS) <= set(df.columns)
+    truth = pd.read_parquet(data).head(12)
+    assert list(df["query"]) == list(truth["query"]) and list(df["product_id"]) == list(truth["product_id"].astype(str))
+    assert list(df["pair_id"]) == [pair_id(q, a) for q, a in zip(truth["query"], truth["product_id"].astype(str))]
+    assert (np.argmax(np.stack(df["probs"].to_numpy()), axis=1) == truth["grade"].to_numpy()).all()
+    assert np.allclose(df[["p_irrelevant", "p_partial", "p_exact"]].sum(axis=1), 1.0)
+    assert all(len(e) == len(r) == 1 and len(e[0]) == 384 for e, r in zip(df["rationale_embeddings"], df["rationales"]))
+    assert df["teacher_id"].iloc[0] == "oracle:human-grades(homedepot/dev.parquet)"
+
+
+def test_cli_refuses_data_without_out(tmp_path):
+    res = CliRunner().invoke(main, ["label", "--teacher", "oracle", "--data", str(tmp_path / "x.parquet")])
+    assert res.exit_code == 1 and "both --data and --out" in res.output
+
+
+def test_failures_are_kept_apart_never_invented(tmp_path, tiny_engine):
+    data = tmp_path / "pairs.parquet"
+    pd.DataFrame({"query": ["drill", "saw", "hammer"], "product_id": ["1", "2", "3"], "title": ["Drill", "Saw", "Hammer"]}).to_parquet(data)
+    oracle = OracleTeacher.from_frame(pd.DataFrame({"query": ["drill"], "product_id": ["1"], "grade": [0]}), source="toy")
+    out = tmp_path / "labels.parquet"
+    summary = label_file(oracle, data, out, batch_size=2, progress=False)
+    assert (summary["labelled"], summary["failed"]) == (1, 2)
+    assert list(pd.read_parquet(out)["query"]) == ["drill"]
+    failed = pd.read_parquet(failures_path(out))
+    assert list(failed["query"]) == ["saw", "hammer"] and failed["reason"].str.contains("no human grade").all()
+
+    # the transformers backend writes K=3 perspectives per row
+    out2 = tmp_path / "tiny.parquet"
+    teacher = LLMTeacher(engine=tiny_engine, backend="transformers", max_tokens=6)
+    summary = label_file(teacher, data, out2, batch_size=3, progress=False)
+    df = pd.read_parquet(out2)
+    assert summary["labelled"] == len(df) == 3 and not failures_path(out2).exists()
+    assert all(len(e) == 3 and all(len(v) == 384 for v in e) for e in df["rationale_embeddings"])
+    assert list(df["perspectives"].iloc[0]) == ["user_intent", "attributes", "business_rules"]
+    assert summary["tokens"] > 0
