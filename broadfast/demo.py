@@ -245,9 +245,15 @@ class Demo:
         manifest = registry.publish(out, champion=True, announce=False)
         return manifest.version
 
+    # Demo defaults a user can override with the variable: publish at most every 20 s, and let a
+    # candidate through when it is within 0.02 validation Spearman of the live version (the
+    # validation slice's noise; a 135M teacher carries no signal, so "better" is not on offer).
+    DEMO_DEFAULTS = {"BROADFAST_ONLINE_GATE_TOLERANCE": "0.02", "BROADFAST_ONLINE_PUBLISH_EVERY_S": "20", "BROADFAST_MONITOR_INTERVAL_S": "60"}
+
     def _env(self, stack_env: dict[str, str], **extra: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("BROADFAST_")}
         env |= self.base.public_env() | stack_env
+        env |= {k: v for k, v in self.DEMO_DEFAULTS.items() if k not in os.environ}
         env |= {"BROADFAST_HOME": str(self.home), "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
         if self.base.admin_token is not None:
             env["BROADFAST_ADMIN_TOKEN"] = self.base.admin_token.get_secret_value()

@@ -166,7 +166,7 @@ class Settings(BaseSettings):
     online_batch_size: int = Field(default=16, ge=1, description="Online trainer: pairs per step.")
     online_replay_fraction: float = Field(default=0.5, ge=0, le=1, description="Online trainer: share of each batch drawn from the reservoir of older labels.")
     online_reservoir_size: int = Field(default=5000, ge=1, description="Online trainer: older labels kept for replay (reservoir sampling).")
-    online_lr: float = Field(default=3e-5, gt=0, description="Online trainer: encoder learning rate (extractor and head: 10x).")
+    online_lr: float = Field(default=3e-5, gt=0, description="Online trainer: encoder learning rate (extractor and head: 3x).")
     online_val_pairs: int = Field(default=400, ge=10, description="Online trainer: pairs in the fixed validation slice.")
     online_val_share: float = Field(default=0.2, gt=0, lt=1, description="Online trainer: share of the data set's queries held out for validation (never trained on).")
     online_gate_metric: Literal["spearman", "ndcg@10", "macro_f1"] = Field(default="spearman", description="Online trainer: validation metric of the publish gate.")

@@ -215,7 +215,8 @@ class OnlineTrainer:
         log.info("starting from champion %s; validation %s", self.live_version, _fmt(self.live_metrics))
 
     def _make_optimizer(self) -> None:
-        cfg = TrainConfig(lr=self.settings.online_lr, head_lr=self.settings.online_lr * 10, loss=LossConfig())
+        # small steps on few labels: the new parts learn 3x faster than the encoder, not the offline 10x
+        cfg = TrainConfig(lr=self.settings.online_lr, head_lr=self.settings.online_lr * 3, loss=LossConfig())
         self.opt = make_optimizer(self.student, cfg)
         for group in self.opt.param_groups:
             group["lr"] = group.get("base_lr", group["lr"])
