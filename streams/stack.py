@@ -34,6 +34,23 @@ log = logging.getLogger(__name__)
 LOOPBACK = "127.0.0.1"
 
 
+def start_ticks(pid: int) -> int | None:
+    """A process's start time in clock ticks since boot (Linux ``/proc/<pid>/stat``), or None.
+
+    Unlike a wall-clock start time it never moves when the clock is adjusted, so it
+    identifies a process exactly for as long as it lives.
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rfind(")") + 2 :].split()
+    try:
+        return int(fields[19])  # field 22 of stat; fields here start at field 3
+    except (IndexError, ValueError):
+        return None
+
+
 @dataclass
 class Service:
     name: str
@@ -42,15 +59,29 @@ class Service:
     port: int
     argv: list[str]
     log_path: str
+    start_ticks: int | None = None
 
     def process(self) -> psutil.Process | None:
-        """The live process, or None if it died or the PID now belongs to someone else."""
+        """The live process, or None if it died or the PID now belongs to someone else.
+
+        Identity is the PID plus its start time in ticks since boot (exact, immune to clock
+        adjustments; where /proc is missing, the wall-clock start time within 2 s) and the
+        executable it runs.
+        """
         try:
             proc = psutil.Process(self.pid)
-            if abs(proc.create_time() - self.create_time) > 0.5 or proc.status() == psutil.STATUS_ZOMBIE:
+            if proc.status() == psutil.STATUS_ZOMBIE:
                 return None
+            ticks = start_ticks(self.pid)
+            if self.start_ticks is not None and ticks is not None:
+                if ticks != self.start_ticks:
+                    return None
+            elif abs(proc.create_time() - self.create_time) > 2.0:
+                return None
+            if self.argv and os.path.realpath(self.argv[0]) != os.path.realpath(proc.exe()):
+                return None  # (the executable, not the command line: Redis rewrites its title)
             return proc
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             return None
 
 
@@ -255,7 +286,7 @@ class EmbeddedStack:
             proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, close_fds=True)
         create_time = psutil.Process(proc.pid).create_time()
         log.info("started %s pid %d on %s:%d", name, proc.pid, LOOPBACK, port)
-        return Service(name=name, pid=proc.pid, create_time=create_time, port=port, argv=argv, log_path=str(log_path))
+        return Service(name=name, pid=proc.pid, create_time=create_time, port=port, argv=argv, log_path=str(log_path), start_ticks=start_ticks(proc.pid))
 
     def _wait_ready(self, state: StackState) -> None:
         deadline = time.monotonic() + self.start_timeout_s

@@ -117,6 +117,15 @@ def test_a_reused_pid_is_never_ours(tmp_path: Path) -> None:
         assert stack.status()["running"] is False
         assert stack.down() == []
         assert stranger.poll() is None  # untouched
+        # the same PID and wall-clock start time, but another start tick or another program: not ours
+        from streams.stack import start_ticks
+
+        real = psutil.Process(stranger.pid).create_time()
+        ticks = start_ticks(stranger.pid)
+        assert ticks is not None
+        assert Service("x", stranger.pid, real, 1, [sys.executable], "/dev/null", ticks).process() is not None
+        assert Service("x", stranger.pid, real, 1, [sys.executable], "/dev/null", ticks + 1).process() is None
+        assert Service("x", stranger.pid, real, 1, ["/bin/true"], "/dev/null", ticks).process() is None
         assert not path.exists()  # the stale state is cleaned
     finally:
         stranger.kill()
