@@ -23,7 +23,7 @@ for extra in "${extras[@]}"; do
   [[ "$extra" != "core" ]] && spec=".[$extra]"
   start=$(date +%s)
   if "$PYTHON" -m venv "$venv" \
-     && "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "$spec" \
+     && "$venv/bin/python" -m pip install --quiet --quiet --disable-pip-version-check "$spec" \
      && "$venv/bin/broadfast" --help >/dev/null \
      && "$venv/bin/python" -m pip check >/dev/null; then
     echo "extra $extra: installs and runs ($(( $(date +%s) - start )) s)"
