@@ -143,17 +143,36 @@ def student_row(name: str, extractor: str, train_df: pd.DataFrame, dev_df: pd.Da
     targets = human_targets(train_df, "relevance", scale=scale)
     ts = prepare(student, train_df, targets)
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, checkpoint=False, progress=True, device=args.device)
-    result = train(student, ts, cfg, workdir / name.replace(" ", "_"), resume=False)
-    t0 = time.perf_counter()
     q, t = pair_texts(dev_df)
+
+    def on_epoch_end(model, epoch: int) -> dict[str, float]:  # dev metrics after each epoch, for the notes
+        return evaluate(dev_df, model.predict_proba(q, t, batch_size=128))
+
+    result = train(student, ts, cfg, workdir / name.replace(" ", "_"), resume=False, on_epoch_end=on_epoch_end if args.epochs > 1 else None)
+    t0 = time.perf_counter()
     probs = student.predict_proba(q, t, batch_size=128)
     infer = time.perf_counter() - t0
     counts = student.parameter_counts()
-    note = f"train {result.seconds:.0f}s ({result.pairs_per_s:.0f} pairs/s), dev scoring {len(dev_df) / infer:.0f} pairs/s; extractor {counts['extractor']:,} params"
+    curve = " → ".join(f"{m['spearman']:.3f}" for m in result.epoch_metrics)
+    note = (
+        f"train {result.seconds:.0f}s ({result.pairs_per_s:.0f} pairs/s), dev scoring {len(dev_df) / infer:.0f} pairs/s; extractor {counts['extractor']:,} params"
+        + (f"; dev Spearman by epoch {curve}" if curve else "")
+    )
     return name, probs, note
 
 
+def per_set(value: str, name: str) -> int:
+    """``"3"`` → 3 for every set; ``"homedepot=2,crowdflower=3"`` → the named set's value."""
+    if "=" not in value:
+        return int(value)
+    pairs = dict(part.split("=", 1) for part in value.split(","))
+    if name not in pairs:
+        raise SystemExit(f"no value for set {name!r} in {value!r}")
+    return int(pairs[name])
+
+
 def run_set(name: str, args: argparse.Namespace, workdir: Path) -> tuple[str, list[list[object]] | None]:
+    args = argparse.Namespace(**{**vars(args), "epochs": per_set(args.epochs, name), "max_length": per_set(args.max_length, name)})
     root = Path(args.data_root)
     train_df = load_pairs(root / name / "train.parquet", require_grade=True)
     dev_df = load_pairs(root / name / "dev.parquet", require_grade=True)
@@ -184,7 +203,9 @@ def run_set(name: str, args: argparse.Namespace, workdir: Path) -> tuple[str, li
     )
     md = header + markdown_table(["model", "NDCG@10", "Spearman", "macro-F1", "notes"], table)
     print(md, flush=True)
-    return md, (throughput(train_df, args, workdir) if name == args.throughput_set else None)
+    if name != args.throughput_set:
+        return md, None
+    return md, (throughput(train_df, args, workdir), args.max_length)
 
 
 def main() -> None:
@@ -192,10 +213,10 @@ def main() -> None:
     ap.add_argument("--sets", default="homedepot,crowdflower")
     ap.add_argument("--data-root", default=str(REPO.parent / "shared" / "data"))
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--epochs", default="3", help="Epochs: N for every set, or per set as homedepot=2,crowdflower=3.")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=5e-5)
-    ap.add_argument("--max-length", type=int, default=128)
+    ap.add_argument("--max-length", default="128", help="Token limit of a pair: N, or per set as homedepot=64,crowdflower=128.")
     ap.add_argument("--train-limit", type=int, default=0, help="Train on a random sample of N pairs (0: all).")
     ap.add_argument("--dev-limit", type=int, default=0, help="Evaluate on whole queries up to N dev pairs (0: all).")
     ap.add_argument("--throughput-set", default="homedepot")
@@ -220,11 +241,12 @@ def main() -> None:
             _write(args, sections, tp_rows, t0)  # after each set, so a long run keeps what it finished
 
 
-def _write(args: argparse.Namespace, sections: list[str], tp_rows: list[list[object]] | None, t0: float) -> None:
+def _write(args: argparse.Namespace, sections: list[str], tp: tuple[list[list[object]], int] | None, t0: float) -> None:
     body = "\n\n".join(sections)
-    if tp_rows:
+    if tp:
+        tp_rows, tp_length = tp
         body += (
-            f"\n\n## Training throughput ({args.throughput_set}, MiniLM, no extractor, batch {args.batch_size}, max_length {args.max_length}, "
+            f"\n\n## Training throughput ({args.throughput_set}, MiniLM, no extractor, batch {args.batch_size}, max_length {tp_length}, "
             f"{args.throughput_steps} steps each)\n\n" + markdown_table(["loop", "pairs", "seconds", "pairs/s", "ratio vs naive"], tp_rows)
         )
     card = args.card or ("GPU " + torch.cuda.get_device_name(0) if torch.device(args.device).type == "cuda" else f"CPU ({args.threads} torch thread(s))")

@@ -23,6 +23,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -190,6 +191,7 @@ class TrainResult:
     last: dict[str, float]
     history: list[dict[str, float]]
     resumed_from_step: int = 0
+    epoch_metrics: list[dict[str, float]] = field(default_factory=list)
 
 
 def _save_checkpoint(student: Student, opt: torch.optim.Optimizer, directory: Path, state: dict[str, Any]) -> None:
@@ -207,8 +209,15 @@ def _save_checkpoint(student: Student, opt: torch.optim.Optimizer, directory: Pa
     tmp.rename(directory)
 
 
-def train(student: Student, ts: TrainingSet, cfg: TrainConfig, out_dir: str | Path, *, resume: bool = True) -> TrainResult:
+EpochHook = Callable[[Student, int], dict[str, float]]
+
+
+def train(student: Student, ts: TrainingSet, cfg: TrainConfig, out_dir: str | Path, *, resume: bool = True, on_epoch_end: EpochHook | None = None) -> TrainResult:
     """Distil ``student`` on ``ts``; checkpoints under ``<out_dir>/checkpoint``.
+
+    ``on_epoch_end(student, epoch)`` runs after each completed epoch (1-based; e.g. a
+    dev-set evaluation); what it returns is logged and kept in ``epoch_metrics``. Its
+    time is not counted in the throughput.
 
     With ``resume`` and a checkpoint of the same data and config there, the student's
     weights, the optimizer and the RNG are restored and training continues after the
@@ -245,8 +254,10 @@ def train(student: Student, ts: TrainingSet, cfg: TrainConfig, out_dir: str | Pa
     resumed_from = step
 
     history: list[dict[str, float]] = []
+    epoch_metrics: list[dict[str, float]] = []
     last: dict[str, float] = {}
     pairs = 0
+    hook_seconds = 0.0
     t0 = time.perf_counter()
     student.train()
     done = step >= stop
@@ -255,6 +266,7 @@ def train(student: Student, ts: TrainingSet, cfg: TrainConfig, out_dir: str | Pa
             break
         batches = bucketed_batches(ts.lengths, cfg.batch_size, cfg.seed, epoch, cfg.bucket_factor)
         first = start_batch if epoch == start_epoch else 0
+        epoch_done = False
         bar = tqdm(total=len(batches), initial=first, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=not cfg.progress, leave=False)
         for b in range(first, len(batches)):
             batch = to_device(ts, batches[b], device)
@@ -276,7 +288,7 @@ def train(student: Student, ts: TrainingSet, cfg: TrainConfig, out_dir: str | Pa
                 history.append({"step": float(step), **parts})
             bar.update(1)
             bar.set_postfix({k: f"{v:.3f}" for k, v in parts.items()})
-            at_epoch_end = b + 1 == len(batches)
+            at_epoch_end = epoch_done = b + 1 == len(batches)
             due = (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or at_epoch_end or step >= stop
             if cfg.checkpoint and due:
                 nxt_epoch, nxt_batch = (epoch + 1, 0) if at_epoch_end else (epoch, b + 1)
@@ -286,10 +298,17 @@ def train(student: Student, ts: TrainingSet, cfg: TrainConfig, out_dir: str | Pa
                 done = True
                 break
         bar.close()
-    seconds = time.perf_counter() - t0
+        if on_epoch_end is not None and epoch_done:
+            h0 = time.perf_counter()
+            metrics = {"epoch": float(epoch + 1), "step": float(step), **on_epoch_end(student, epoch + 1)}
+            student.train()
+            hook_seconds += time.perf_counter() - h0
+            epoch_metrics.append(metrics)
+            log.info("epoch %d/%d done at step %d: %s", epoch + 1, cfg.epochs, step, {k: round(v, 4) for k, v in metrics.items() if k not in ("epoch", "step")})
+    seconds = time.perf_counter() - t0 - hook_seconds
     rate = pairs / seconds if seconds > 0 else 0.0
     log.info("trained %d steps (%d pairs) in %.1fs: %.1f pairs/s; last loss %s", step - resumed_from, pairs, seconds, rate, {k: round(v, 4) for k, v in last.items()})
-    return TrainResult(step, cfg.epochs, seconds, pairs, rate, last, history, resumed_from)
+    return TrainResult(step, cfg.epochs, seconds, pairs, rate, last, history, resumed_from, epoch_metrics)
 
 
 def train_offline_frame(
@@ -327,7 +346,14 @@ def train_offline_frame(
     t0 = time.perf_counter()
     ts = prepare(student, df, targets)
     log.info("tokenised %d pairs in %.1fs (mean length %.1f tokens, max %d)", len(ts), time.perf_counter() - t0, float(ts.lengths.mean()), int(ts.lengths.max()))
-    result = train(student, ts, cfg, out_dir, resume=resume)
+    hook = None
+    if eval_df is not None:
+        eval_queries, eval_texts = pair_texts(eval_df)
+
+        def hook(model: Student, epoch: int) -> dict[str, float]:
+            return evaluate(eval_df, model.predict_proba(eval_queries, eval_texts, batch_size=128))
+
+    result = train(student, ts, cfg, out_dir, resume=resume, on_epoch_end=hook)
     save_student(student, out_dir)
     report: dict[str, Any] = {
         "student": student_config.to_dict(),
@@ -343,11 +369,14 @@ def train_offline_frame(
         "device": str(device),
         "last_loss": result.last,
         "history": result.history,
+        "epoch_metrics": result.epoch_metrics,
         "metrics": {},
     }
     if eval_df is not None:
-        queries, texts = pair_texts(eval_df)
-        report["metrics"] = evaluate(eval_df, student.predict_proba(queries, texts, batch_size=128))
+        if result.epoch_metrics and result.epoch_metrics[-1]["step"] == result.steps:
+            report["metrics"] = {k: v for k, v in result.epoch_metrics[-1].items() if k not in ("epoch", "step")}
+        else:  # stopped mid-epoch (max_steps) or nothing left to train after a resume
+            report["metrics"] = evaluate(eval_df, student.predict_proba(eval_queries, eval_texts, batch_size=128))
         log.info("evaluation: %s", {k: round(v, 4) for k, v in report["metrics"].items()})
     (out_dir / REPORT_FILE).write_text(json.dumps(report, indent=2))
     if not keep_checkpoint and ckpt.exists():

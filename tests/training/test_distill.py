@@ -58,6 +58,9 @@ def test_training_moves_the_student_toward_the_teacher(pairs: pd.DataFrame, tmp_
     assert after_kl < 0.5 * before_kl, (before_kl, after_kl)
     assert report["rationale_rows"] == 48 and report["steps"] == 60
     assert set(report["metrics"]) >= {"ndcg@10", "spearman", "macro_f1"}
+    assert [m["epoch"] for m in report["epoch_metrics"]] == list(range(1, 11))  # dev metrics after every epoch
+    assert [m["step"] for m in report["epoch_metrics"]] == list(range(6, 61, 6))
+    assert report["metrics"] == {k: v for k, v in report["epoch_metrics"][-1].items() if k not in ("epoch", "step")}
     assert not (tmp_path / "out" / "checkpoint").exists()  # removed after a finished run
     assert load_student(tmp_path / "out").config == student.config
 
@@ -87,6 +90,16 @@ def test_resume_continues_exactly(pairs: pd.DataFrame, tmp_path: Path) -> None:
     a, b = straight.state_dict(), resumed.state_dict()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_epoch_hook_runs_once_per_completed_epoch_across_a_resume(pairs: pd.DataFrame, tmp_path: Path) -> None:
+    targets = human_targets(pairs, "relevance")
+    base = {"epochs": 3, "batch_size": 16, "progress": False, "checkpoint_every": 1}  # 3 steps an epoch
+    _, first = train_offline_frame(pairs, targets, TrainConfig(**base, max_steps=4), StudentConfig.tiny(), tmp_path / "r", keep_checkpoint=True, eval_df=pairs)
+    assert [m["epoch"] for m in first["epoch_metrics"]] == [1.0]  # stopped inside epoch 2
+    assert set(first["metrics"]) >= {"spearman"}  # evaluated at the stop even so
+    _, second = train_offline_frame(pairs, targets, TrainConfig(**base), StudentConfig.tiny(), tmp_path / "r", eval_df=pairs)
+    assert [(m["epoch"], m["step"]) for m in second["epoch_metrics"]] == [(2.0, 6.0), (3.0, 9.0)]
 
 
 def test_resume_on_other_data_is_refused(pairs: pd.DataFrame, tmp_path: Path) -> None:
