@@ -11,8 +11,9 @@ Also measures training throughput (pairs/s) of the project's loop (pre-tokenised
 length-bucketed batches; bf16 autocast on GPU) next to a naive loop that tokenises
 each random batch at every step in fp32, same model, same batch size, same run.
 
-    python benchmarks/quality.py --sets homedepot,crowdflower                  # GPU: full run
-    nice -n 10 python benchmarks/quality.py --device cpu --epochs 1 --train-limit 5000 --max-length 48
+    python benchmarks/quality.py --sets homedepot,crowdflower                  # GPU: full run, 3 epochs
+    python benchmarks/quality.py --sets crowdflower,homedepot --epochs homedepot=2,crowdflower=3 --threads 2   # 2-core CPU: ~1.5 h
+    python benchmarks/quality.py --device cpu --epochs 1 --train-limit 4000   # a quick look (far below the reference)
 """
 
 from __future__ import annotations
@@ -186,10 +187,14 @@ def run_set(name: str, args: argparse.Namespace, workdir: Path) -> tuple[str, li
     scale = SCALES[name]
     log.info("%s: train on %d of %d pairs, evaluate on %d dev pairs", name, len(train_df), full_train, len(dev_df))
     results: list[tuple[str, np.ndarray, str]] = []
-    for row_name, probs, secs in tfidf_rows(train_df, dev_df):
-        results.append((row_name, probs, f"{secs:.1f}s"))
-    results.append(student_row("MiniLM cross-encoder, no extractor (plain)", "none", train_df, dev_df, scale, args, workdir))
-    results.append(student_row("LRKD student (MLP extractor, K=3; no rationales: alignment off)", "mlp", train_df, dev_df, scale, args, workdir))
+    rows = set(args.rows.split(","))
+    if "tfidf" in rows:
+        for row_name, probs, secs in tfidf_rows(train_df, dev_df):
+            results.append((row_name, probs, f"{secs:.1f}s"))
+    if "plain" in rows:
+        results.append(student_row("MiniLM cross-encoder, no extractor (plain)", "none", train_df, dev_df, scale, args, workdir))
+    if "lrkd" in rows:
+        results.append(student_row("LRKD student (MLP extractor, K=3; no rationales: alignment off)", "mlp", train_df, dev_df, scale, args, workdir))
     table = []
     for row_name, probs, note in results:
         m = evaluate(dev_df, probs)
@@ -203,7 +208,7 @@ def run_set(name: str, args: argparse.Namespace, workdir: Path) -> tuple[str, li
     )
     md = header + markdown_table(["model", "NDCG@10", "Spearman", "macro-F1", "notes"], table)
     print(md, flush=True)
-    if name != args.throughput_set:
+    if name != args.throughput_set or args.throughput_steps <= 0:
         return md, None
     return md, (throughput(train_df, args, workdir), args.max_length)
 
@@ -215,10 +220,11 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--epochs", default="3", help="Epochs: N for every set, or per set as homedepot=2,crowdflower=3.")
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=5e-5)
-    ap.add_argument("--max-length", default="128", help="Token limit of a pair: N, or per set as homedepot=64,crowdflower=128.")
+    ap.add_argument("--lr", type=float, default=1e-4, help="Encoder learning rate.")
+    ap.add_argument("--max-length", default="homedepot=64,crowdflower=128", help="Token limit of a pair: N, or per set as homedepot=64,crowdflower=128.")
     ap.add_argument("--train-limit", type=int, default=0, help="Train on a random sample of N pairs (0: all).")
     ap.add_argument("--dev-limit", type=int, default=0, help="Evaluate on whole queries up to N dev pairs (0: all).")
+    ap.add_argument("--rows", default="tfidf,plain,lrkd", help="Which rows to run (comma-separated subset of tfidf,plain,lrkd).")
     ap.add_argument("--throughput-set", default="homedepot")
     ap.add_argument("--throughput-steps", type=int, default=20)
     ap.add_argument("--threads", type=int, default=1, help="Torch CPU threads.")

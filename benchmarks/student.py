@@ -144,7 +144,7 @@ def main() -> None:
     )
     notes = (
         "The encoder (MiniLM-L6-H384, 22.6M parameters) dominates; the extractor adds the K latent vectors and a wider head input. "
-        "CPU figures come from a shared 2-core machine (other jobs running): absolute times are noisy, compare rows of the same run; "
+        "CPU figures come from a shared 2-core machine: absolute times are noisy, compare rows of the same run; "
         "p99 of a few dozen requests is close to their maximum."
     )
     write_result("student", "Student inference: latency and throughput with and without the extractor", "python " + " ".join(sys.argv), body, notes)
