@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import platform
+import shlex
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -60,6 +62,11 @@ def markdown_table(headers: list[str], rows: list[list[object]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join("---" for _ in headers) + " |"]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def invocation() -> str:
+    """The command line that ran this benchmark, quoted so that it can be pasted back into a shell."""
+    return "python " + shlex.join(sys.argv)
 
 
 def write_result(name: str, title: str, command: str, body: str, notes: str = "") -> Path:

@@ -27,7 +27,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.common import markdown_table, write_result  # noqa: E402
+from benchmarks.common import invocation, markdown_table, write_result  # noqa: E402
 from broadfast.settings import Settings  # noqa: E402
 from streams.datasets import load_pairs  # noqa: E402
 from streams.sampler import margin, normalized_entropy  # noqa: E402
@@ -151,7 +151,7 @@ def main() -> None:
         f"{args.rounds} rounds × {args.budget} oracle labels, {args.steps} steps of 16 pairs per round (half replayed from the reservoir). "
         f"Oracle = human relevance spread over the neighbouring grades. Seed {args.seed}; one run, {elapsed:.0f} s."
     )
-    write_result("online", "Label efficiency: hard-case sampler vs random sampling (oracle teacher)", "python benchmarks/online.py " + " ".join(sys.argv[1:]), body, notes)
+    write_result("online", "Label efficiency: hard-case sampler vs random sampling (oracle teacher)", invocation(), body, notes)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from benchmarks.common import markdown_table, write_result
+from benchmarks.common import invocation, markdown_table, write_result
 from streams.datasets import load_pairs
 from training.distill import TrainConfig, pair_texts, prepare, train
 from training.losses import LossConfig, lrkd_loss
@@ -263,7 +263,7 @@ def _write(args: argparse.Namespace, sections: list[str], tp: tuple[list[list[ob
         "TF-IDF cosine: score = ½·grade-cut + ½·cosine (ranking by cosine), grades cut at the train label mix. "
         "CPU figures come from a shared 2-core machine: absolute times are noisy; compare rows of the same run."
     )
-    write_result(args.result, "Relevance quality: TF-IDF vs plain cross-encoder vs LRKD student", "python " + " ".join(sys.argv), body, notes)
+    write_result(args.result, "Relevance quality: TF-IDF vs plain cross-encoder vs LRKD student", invocation(), body, notes)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from benchmarks.common import embedded_or_configured_stack, markdown_table, write_result  # noqa: E402
+from benchmarks.common import embedded_or_configured_stack, invocation, markdown_table, write_result  # noqa: E402
 from broadfast.settings import Settings  # noqa: E402
 from streams import events as ev  # noqa: E402
 from streams.bus import EventBus, consume, ensure_topics, make_consumer, make_producer  # noqa: E402
@@ -139,7 +139,7 @@ def main() -> None:
         "pre-encoded bytes / count bytes with the same client config. The ratio is broadfast/raw throughput. "
         "CPU figures from a 2-core shared machine: noisy, compare only rows of the same run."
     )
-    write_result("replay", "Replay through the embedded broker", "python benchmarks/replay.py " + " ".join(sys.argv[1:]), body, notes)
+    write_result("replay", "Replay through the embedded broker", invocation(), body, notes)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np
 import torch
 
-from benchmarks.common import markdown_table, write_result
+from benchmarks.common import invocation, markdown_table, write_result
 from streams.datasets import load_pairs
 from training.distill import pair_texts
 from training.student import StudentConfig, build_student
@@ -147,7 +147,7 @@ def main() -> None:
         "CPU figures come from a shared 2-core machine: absolute times are noisy, compare rows of the same run; "
         "p99 of a few dozen requests is close to their maximum."
     )
-    write_result("student", "Student inference: latency and throughput with and without the extractor", "python " + " ".join(sys.argv), body, notes)
+    write_result("student", "Student inference: latency and throughput with and without the extractor", invocation(), body, notes)
 
 
 if __name__ == "__main__":
