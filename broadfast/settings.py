@@ -97,15 +97,38 @@ class Settings(BaseSettings):
     teacher_local_batch: int = Field(default=8, ge=1, description="Prompts per forward batch of the transformers backend.")
     teacher_oracle_data: Path | None = Field(default=None, description="Human-graded pairs the oracle answers from. Default: BROADFAST_DATA.")
     teacher_oracle_smoothing: float = Field(default=0.1, ge=0.0, le=1.0, description="Label smoothing of the oracle's one-hot grades.")
+    teacher_min_mass: float = Field(
+        default=0.5,
+        ge=0.0,
+        le=1.0,
+        allow_inf_nan=False,
+        description="Least total probability an LLM teacher must give the three grade tokens at the grade position for a perspective to count; below it the perspective is a failure (with its reason), not a label.",
+    )
     teacher_vllm_venv: Path = Field(
         default=Path("~/.cache/broadfast/vllm-venv"), description="The vLLM-CPU environment built by scripts/build_vllm_cpu.sh (outside the repo)."
     )
     labeler_group: str = Field(default="broadfast-labeler", description="Consumer group of the labeling worker.")
     labeler_batch: int = Field(default=16, ge=1, description="Hard cases per teacher call in the worker.")
+    labeler_max_age_s: float = Field(
+        default=60.0, gt=0, description="A hard case admitted longer ago than this (now − its ts) is dropped unlabelled, counted as dropped_stale, and its claim released (seconds)."
+    )
+    labeler_rate_window_s: float = Field(
+        default=120.0, gt=0, description="The labeler's measured rate: pairs the teacher answered per busy second over the batches of this window (seconds; at least the last batch)."
+    )
+    labeler_rate_ttl_s: float = Field(
+        default=60.0, gt=0, description="A labeler's measured rate counts this long after its last report (at least 3× its longest recent batch), so a dead labeler's rate expires (seconds)."
+    )
 
     # -- stream app and features (issue 6): add fields below this line ------------------
-    stream_budget_per_s: float = Field(default=2.0, gt=0, description="Labeling budget: hard cases per second (token-bucket refill rate, shared by all stream workers).")
+    stream_budget_per_s: float = Field(
+        default=2.0, gt=0, description="Labeling budget: starting refill rate (hard cases/s, shared by all stream workers) until a labeler reports its measured rate."
+    )
     stream_budget_burst: float = Field(default=20.0, ge=1, description="Labeling budget: token-bucket capacity (largest burst of hard cases).")
+    stream_budget_min_per_s: float = Field(default=0.05, gt=0, description="Labeling budget: lowest refill rate (hard cases/s) the measured teacher rate is clamped to.")
+    stream_budget_max_per_s: float = Field(default=20.0, gt=0, description="Labeling budget: highest refill rate (hard cases/s) the measured teacher rate is clamped to.")
+    stream_max_queue_s: float = Field(
+        default=20.0, gt=0, description="Backlog bound: nothing is admitted while hard cases admitted and not yet labelled reach rate × this many seconds (at least 1 case)."
+    )
     stream_dedup_ttl_s: int = Field(default=86_400, ge=1, description="A pair sent for labelling is not sent again within this many seconds.")
     stream_entropy_threshold: float = Field(default=0.9, ge=0, le=1, description="Uncertain when the grade distribution's entropy / log(3) is at least this.")
     stream_margin_threshold: float = Field(default=0.1, ge=0, le=1, description="Uncertain when the top two grade probabilities differ by at most this.")
@@ -162,15 +185,22 @@ class Settings(BaseSettings):
     # -- online loop and demo (issue 7): add fields below this line -----------------------
     online_round_labels: int = Field(default=32, ge=1, description="Online trainer: new labels that start a training round.")
     online_round_wait_s: float = Field(default=5.0, gt=0, description="Online trainer: longest wait before a round starts with fewer labels (but at least one).")
-    online_steps_per_round: int = Field(default=4, ge=1, description="Online trainer: optimizer steps per round.")
-    online_batch_size: int = Field(default=16, ge=1, description="Online trainer: pairs per step.")
-    online_replay_fraction: float = Field(default=0.5, ge=0, le=1, description="Online trainer: share of each batch drawn from the reservoir of older labels.")
+    online_round_max_labels: int = Field(default=256, ge=1, description="Online trainer: most fresh labels trained on in one round (the rest wait for the next), so a backlog cannot make a round, and freshness, arbitrarily long.")
+    online_passes: int = Field(default=2, ge=1, description="Online trainer: times each fresh label is trained on; a round's optimizer steps follow from it and the number of labels.")
+    online_batch_size: int = Field(default=32, ge=1, description="Online trainer: pairs per step (fresh and replayed).")
+    online_replay_fraction: float = Field(default=0.25, ge=0, lt=1, description="Online trainer: share of each batch drawn from the reservoir of older labels.")
     online_reservoir_size: int = Field(default=5000, ge=1, description="Online trainer: older labels kept for replay (reservoir sampling).")
-    online_lr: float = Field(default=3e-5, gt=0, description="Online trainer: encoder learning rate (extractor and head: 3x).")
+    online_lr: float = Field(default=1e-4, gt=0, description="Online trainer: encoder learning rate (the offline recipe's).")
+    online_head_lr_ratio: float = Field(default=5.0, gt=0, description="Online trainer: learning rate of the extractor and head, as a multiple of the encoder's.")
+    online_warmup_steps: int = Field(default=20, ge=0, description="Online trainer: linear learning-rate warm-up, in optimizer steps.")
+    online_lr_schedule: Literal["constant", "inverse_sqrt"] = Field(default="constant", description="Online trainer: learning rate after warm-up: constant, or decaying as 1/sqrt(step).")
+    online_confidence_weighting: bool = Field(default=True, description="Online trainer: weigh each label by the teacher's confidence (its grade-token mass).")
     online_val_pairs: int = Field(default=400, ge=10, description="Online trainer: pairs in the fixed validation slice.")
     online_val_share: float = Field(default=0.2, gt=0, lt=1, description="Online trainer: share of the data set's queries held out for validation (never trained on).")
     online_gate_metric: Literal["spearman", "ndcg@10", "macro_f1"] = Field(default="spearman", description="Online trainer: validation metric of the publish gate.")
-    online_gate_tolerance: float = Field(default=0.0, ge=0, description="Online trainer: publish when the candidate is at most this much below the live model.")
+    online_gate_tolerance: float = Field(default=0.02, ge=0, description="Online trainer: publish when the candidate is at least the best champion's score minus this (so publishes never slide further).")
+    online_gate_resamples: int = Field(default=400, ge=0, description="Online trainer: bootstrap resamples of the validation queries for the interval each gate verdict reports.")
+    online_revert_after_refusals: int = Field(default=1, ge=1, description="Online trainer: refused candidates in a row after which training goes back to the champion's weights (1: at once).")
     online_publish_every_s: float = Field(default=15.0, ge=0, description="Online trainer: shortest time between two published versions.")
 
     # -- process -----------------------------------------------------------------------

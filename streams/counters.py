@@ -32,7 +32,8 @@ from typing import Any
 
 from broadfast.settings import Settings
 from streams.events import Click, Event, Scored, normalize_query
-from streams.sampler import Source, stream_key
+from streams.keys import stream_key
+from streams.sampler import Source
 
 log = logging.getLogger(__name__)
 

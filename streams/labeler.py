@@ -11,18 +11,43 @@ reason; a teacher that cannot be reached at all stops the worker without committ
 
 Two Redis records say "pairs labelled", both written after the labels are flushed: this
 teacher's hash :func:`labelled_key` (field pair_id → label time; the worker's idempotence) and
-the teacher-agnostic set :func:`streams.sampler.labelled_pairs_key` (``<prefix>:labelled_pairs``,
+the teacher-agnostic set :func:`streams.keys.labelled_pairs_key` (``<prefix>:labelled_pairs``,
 defined by the hard-case sampler, whose novelty check reads it):
 
 >>> from broadfast.settings import Settings
 >>> labelled_key(Settings(topic_prefix="relevance"), "oracle:human-grades(dev.parquet)")
 'relevance:labelled:oracle:human-grades(dev.parquet)'
+
+**Too old is dropped.** A hard case whose age (now − its ``ts``, the time the sampler admitted
+it) exceeds ``labeler_max_age_s`` is not labelled: by the time its label was trained on and
+served it would be stale, and the teacher's time is better spent on a fresh one. It is counted
+(``stats.dropped_stale``, the ``dropped_stale`` field of :func:`streams.keys.labeler_counts_key`,
+the summary log line) — not dead-lettered, it is not malformed — and its backlog entry and
+de-dup claim are released (:func:`streams.budget.release_stale`), so the sampler may send the
+pair again when it is scored again.
+
+**The measured rate.** After each batch the teacher answered, the worker measures the pairs
+the teacher answered (labelled or failed) per second of busy wall time — from the batch's
+start to its labels recorded, the wait for the teacher included, the idle polls of an empty
+queue not (counting idle time would make a throttled queue look like a slow teacher, and the
+budget would shrink without end) — over the batches of the last ``labeler_rate_window_s``
+(:class:`RateMeter`), and writes it to its own field of :func:`streams.keys.teacher_rate_key`
+(:func:`streams.budget.write_teacher_rate`). The report counts for ``labeler_rate_ttl_s`` (at
+least three times the longest recent batch); the worker renews it while idle and before each
+teacher call, and removes it when it closes, so a dead labeler's rate expires and several
+labelers' rates add up. The hard-case sampler admits at that rate. Every pair leaving the queue
+(labelled, failed, skipped as labelled already, dropped) leaves the sampler's backlog
+(:func:`streams.keys.backlog_key`).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import time
+import uuid
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,7 +56,8 @@ from broadfast.settings import Settings
 from streams.bus import EventBus, consume, make_consumer
 from streams.deadletter import DeadLetters
 from streams.events import HardCase, encode
-from streams.sampler import labelled_pairs_key
+from streams.budget import RateReport, release_stale, remove_teacher_rate, write_teacher_rate
+from streams.keys import backlog_key, labeler_counts_key, labelled_pairs_key
 
 log = logging.getLogger(__name__)
 
@@ -51,21 +77,69 @@ def already_labelled(redis_client: Any, settings: Settings, teacher_id: str, pai
     return {p for p, s in zip(pair_ids, seen) if s is not None}
 
 
+class RateMeter:
+    """Pairs answered per busy second over the batches that ended in the last ``window_s``
+    seconds (the last batch always counts, however old).
+
+    >>> m = RateMeter(window_s=60.0)
+    >>> m.rate() is None
+    True
+    >>> m.add(end=10.0, busy_s=10.0, pairs=2)
+    >>> m.add(end=30.0, busy_s=10.0, pairs=6)
+    >>> m.rate()
+    0.4
+    >>> m.add(end=100.0, busy_s=5.0, pairs=5)  # the first two ended more than 60 s before it
+    >>> m.rate()
+    1.0
+    """
+
+    def __init__(self, window_s: float) -> None:
+        self.window_s = window_s
+        self.batches: deque[tuple[float, float, int]] = deque()  # (end, busy seconds, pairs)
+
+    def add(self, end: float, busy_s: float, pairs: int) -> None:
+        self.batches.append((end, max(busy_s, 1e-6), pairs))
+        while len(self.batches) > 1 and self.batches[0][0] < end - self.window_s:
+            self.batches.popleft()
+
+    def rate(self) -> float | None:
+        if not self.batches:
+            return None
+        return sum(b[2] for b in self.batches) / sum(b[1] for b in self.batches)
+
+    @property
+    def longest_busy_s(self) -> float:
+        """The longest batch in the window (the report must outlive the next one like it)."""
+        return max((b[1] for b in self.batches), default=0.0)
+
+
 @dataclass
 class LabelerStats:
     consumed: int = 0
     labelled: int = 0
     skipped: int = 0
     failed: int = 0
+    dropped_stale: int = 0  # hard cases older than labeler_max_age_s, dropped unlabelled
     batches: int = 0
     seconds_teacher: float = 0.0
+    seconds_busy: float = 0.0  # wall time of the batches the teacher answered, the teacher's wait included
+    rate: float | None = None  # the measured rate last reported (pairs/s)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
 class Labeler:
     """One labeling worker: a consumer group member that turns hard cases into labels."""
 
-    def __init__(self, settings: Settings, teacher: Any, *, bus: EventBus | None = None, embedder: Any | None = None, redis_client: Any | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        teacher: Any,
+        *,
+        bus: EventBus | None = None,
+        embedder: Any | None = None,
+        redis_client: Any | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         import redis
 
         self.settings = settings
@@ -75,7 +149,29 @@ class Labeler:
         self.deadletters = DeadLetters(settings, self.bus, CONSUMER_NAME)
         self.redis = redis_client or redis.Redis.from_url(settings.redis_url)
         self.embedder = embedder
+        self.clock = clock
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.meter = RateMeter(settings.labeler_rate_window_s)
+        self._reported_at: float | None = None
         self.stats = LabelerStats()
+
+    # -- the measured rate ------------------------------------------------------------------
+    def report_rate(self) -> float | None:
+        """Write (or renew) this worker's measured rate in Redis; nothing before a first measurement."""
+        rate = self.meter.rate()
+        if rate is None:
+            return None
+        now = self.clock()
+        ttl = max(self.settings.labeler_rate_ttl_s, 3.0 * self.meter.longest_busy_s)
+        write_teacher_rate(self.redis, self.settings, RateReport(self.worker_id, rate, now, now + ttl, self.teacher_id))
+        self._reported_at = now
+        self.stats.rate = rate
+        return rate
+
+    def _renew_rate(self) -> None:
+        """Keep the report alive while idle (at most every quarter TTL)."""
+        if self._reported_at is None or self.clock() - self._reported_at >= self.settings.labeler_rate_ttl_s / 4:
+            self.report_rate()
 
     def process(self, deliveries: list[Any]) -> None:
         """Label one batch of deliveries; publishes, flushes and records them (does not commit)."""
@@ -86,6 +182,7 @@ class Labeler:
         )
         from training.teacher.mpcot import Label
 
+        start = self.clock()
         self.stats.consumed += len(deliveries)
         self.stats.batches += 1
         cases: dict[str, tuple[HardCase, Any]] = {}
@@ -93,11 +190,19 @@ class Labeler:
             if d.event.pair_id not in cases:  # same pair twice in a batch: label it once
                 cases[d.event.pair_id] = (d.event, d)
         done = already_labelled(self.redis, self.settings, self.teacher_id, list(cases))
-        todo = [(hc, d) for pid, (hc, d) in cases.items() if pid not in done]
-        self.stats.skipped += len(deliveries) - len(todo)
+        fresh = [(hc, d) for pid, (hc, d) in cases.items() if pid not in done]
+        self.stats.skipped += len(deliveries) - len(fresh)
+        if done:  # labelled already: out of the sampler's backlog
+            self.redis.zrem(backlog_key(self.settings), *done)
+        max_age = self.settings.labeler_max_age_s
+        stale = [hc for hc, _ in fresh if start - hc.ts > max_age]
+        todo = [(hc, d) for hc, d in fresh if start - hc.ts <= max_age]
+        if stale:
+            self.drop_stale(stale)
         if not todo:
             self.bus.flush()  # dead letters of invalid records in this poll, before the commit
             return
+        self._renew_rate()  # a long teacher call must not let the last report expire
         t0 = time.perf_counter()
         results = self.teacher.label([pair_from_hardcase(hc) for hc, _ in todo])
         self.stats.seconds_teacher += time.perf_counter() - t0
@@ -110,14 +215,30 @@ class Labeler:
         for (r, hc), emb in zip(ok, embeddings):
             self.bus.publish(to_event(r, emb, first_scored_ts=hc.first_scored_ts))
         self.bus.flush()  # the labels are written before they count as done
+        pipe = self.redis.pipeline(transaction=True)
         if ok:
             stamp = str(time.time())
             ids = [r.pair.pair_id for r, _ in ok]
-            pipe = self.redis.pipeline(transaction=True)
             pipe.hset(labelled_key(self.settings, self.teacher_id), mapping=dict.fromkeys(ids, stamp))
             pipe.sadd(labelled_pairs_key(self.settings), *ids)  # what the hard-case sampler's novelty check reads
-            pipe.execute()
+            pipe.hincrby(labeler_counts_key(self.settings), "labelled", len(ok))
+        failed = len(todo) - len(ok)
+        if failed:
+            pipe.hincrby(labeler_counts_key(self.settings), "failed", failed)
+        pipe.zrem(backlog_key(self.settings), *[hc.pair_id for hc, _ in todo])  # answered: out of the backlog
+        pipe.execute()
         self.stats.labelled += len(ok)
+        end = self.clock()
+        self.stats.seconds_busy += end - start
+        self.meter.add(end, end - start, len(todo))
+        self.report_rate()
+
+    def drop_stale(self, cases: list[HardCase]) -> None:
+        """Drop hard cases that waited too long: count them and release their backlog entry and claim."""
+        release_stale(self.redis, self.settings, [(hc.pair_id, hc.ts) for hc in cases])
+        self.redis.hincrby(labeler_counts_key(self.settings), "dropped_stale", len(cases))
+        self.stats.dropped_stale += len(cases)
+        log.debug("labeler %s: dropped %d hard case(s) older than %.0f s", self.teacher_id, len(cases), self.settings.labeler_max_age_s)
 
     def run(
         self,
@@ -147,14 +268,22 @@ class Labeler:
                 elif delivery is None:
                     self.bus.flush()  # dead letters of records that did not validate are written first
                     consumer.commit()  # then their offsets move on
+                if delivery is None:
+                    self._renew_rate()  # idle: the teacher's rate still holds
         finally:
             consumer.close(autocommit=False)
+        rate = self.stats.rate
         log.info(
-            "labeler %s: %d consumed, %d labelled, %d skipped (already labelled), %d failed",
+            "labeler %s: %d consumed, %d labelled, %d skipped (already labelled), %d failed, %d dropped as stale (older than %.0f s); measured rate %s",
             self.teacher_id, self.stats.consumed, self.stats.labelled, self.stats.skipped, self.stats.failed,
+            self.stats.dropped_stale, self.settings.labeler_max_age_s, f"{rate:.3g} pairs/s" if rate is not None else "— (nothing labelled)",
         )
         return self.stats
 
     def close(self) -> None:
+        try:
+            remove_teacher_rate(self.redis, self.settings, self.worker_id)  # a stopped labeler labels nothing
+        except Exception:  # noqa: BLE001 - Redis gone: the report expires by itself
+            log.debug("could not remove the rate report of %s", self.worker_id, exc_info=True)
         self.bus.close()
         self.redis.close()

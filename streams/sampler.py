@@ -1,4 +1,4 @@
-"""Hard-case sampling: hardness reasons, a token-bucket labeling budget, de-dup per pair.
+"""Hard-case sampling: hardness reasons, a labeling budget that follows the teacher, de-dup per pair.
 
 A scored pair is *hard* for the student when at least one of these holds:
 
@@ -16,12 +16,27 @@ was labelled already is never sent again (the teacher has answered it), and with
 ``stream_sample_novel`` novelty alone makes a pair hard. The set of labelled pair ids is
 the Redis set :func:`labelled_pairs_key` — the labeler adds each pair it labels to it.
 
-A hard pair is then claimed for ``stream_dedup_ttl_s`` (de-dup per pair id) and costs one
-token of the labeling budget (``stream_budget_per_s`` refill, ``stream_budget_burst``
-capacity, shared by every worker through Redis). No token: the claim is released and the
-pair may be sampled when it comes again.
+A hard pair is then claimed for ``stream_dedup_ttl_s`` (de-dup per pair id) and must be
+*admitted* by the labeling budget (:class:`LabelingBudget`, shared by every worker through Redis):
 
-The pure parts (:func:`hardness_reasons`, :class:`TokenBucket`) hold no state and no I/O;
+* **rate** — a token bucket (capacity ``stream_budget_burst``) refilled at the rate the
+  teacher actually labels: the sum of the rates the labelers measure and report under
+  :func:`teacher_rate_key` (stale reports ignored), clamped to
+  [``stream_budget_min_per_s``, ``stream_budget_max_per_s``]; before any labeler has reported,
+  ``stream_budget_per_s`` is the starting rate;
+* **backlog** — the pairs admitted and not yet labelled, failed or dropped (the sorted set
+  :func:`backlog_key`, pair id → admission time; entries older than ``labeler_max_age_s``
+  no longer count, the labeler drops those unlabelled anyway). Nothing is admitted while
+  the backlog holds ``rate × stream_max_queue_s`` pairs (at least 1), so the
+  ``hardcases`` queue stays a few seconds of the teacher's work long;
+* **hardest first** — within a batch the tokens go to the candidates with the highest
+  :func:`hardness_score`, not to the first ones to arrive.
+
+A candidate that gets no token (or no backlog room) releases its claim and may be sampled
+when it comes again.
+
+The budget itself lives in :mod:`streams.budget`, the Redis key names in :mod:`streams.keys`.
+The pure parts (:func:`hardness_reasons`, :func:`hardness_score`) hold no state and no I/O;
 :class:`HardCaseSampler` applies them to batches of scored events with their state in Redis.
 
 >>> reasons = hardness_reasons((0.34, 0.33, 0.33), HardnessConfig(), labelled=False)
@@ -31,9 +46,6 @@ The pure parts (:func:`hardness_reasons`, :class:`TokenBucket`) hold no state an
 True
 >>> is_hard(hardness_reasons((0.9, 0.05, 0.05), HardnessConfig(), labelled=False), HardnessConfig())
 False
->>> bucket = TokenBucket(rate=1.0, capacity=2.0, tokens=2.0, last=0.0)
->>> [bucket.take(0.0), bucket.take(0.0), bucket.take(0.0), bucket.take(1.0)]
-[True, True, False, True]
 """
 
 from __future__ import annotations
@@ -46,7 +58,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from broadfast.settings import Settings
+from streams.budget import LabelingBudget
 from streams.events import HardCase, Scored, normalize_query, pair_id
+from streams.keys import claim_key, labelled_pairs_key, stream_key
 
 log = logging.getLogger(__name__)
 
@@ -56,21 +70,6 @@ LONG_TAIL = "long_tail"
 NOVEL = "novel"
 SIGNALS = (UNCERTAINTY, DISAGREEMENT, LONG_TAIL)
 ARMS = ("champion", "challenger")
-
-
-# -- Redis keys (the one place that names them) ---------------------------------------------
-def labelled_pairs_key(settings: Settings) -> str:
-    """The Redis set of pair ids the teacher has labelled (``SADD`` by the labeler).
-
-    >>> labelled_pairs_key(Settings(topic_prefix="relevance"))
-    'relevance:labelled_pairs'
-    """
-    return f"{settings.topic_prefix}:labelled_pairs"
-
-
-def stream_key(settings: Settings, *parts: str) -> str:
-    """A key of the stream worker's own state: ``<prefix>:stream:<part>:…``."""
-    return ":".join((settings.topic_prefix, "stream", *parts))
 
 
 # -- pure hardness ------------------------------------------------------------------------
@@ -142,70 +141,33 @@ def is_hard(reasons: Sequence[str], cfg: HardnessConfig) -> bool:
     return cfg.sample_novel or any(r in SIGNALS for r in reasons)
 
 
-# -- token bucket -----------------------------------------------------------------------------
-def refill(tokens: float, last: float, now: float, rate: float, capacity: float) -> float:
-    """Tokens after refilling from ``last`` to ``now`` at ``rate`` per second, capped."""
-    return min(capacity, tokens + max(0.0, now - last) * rate)
+LONG_TAIL_BONUS = 0.25
+MARGIN_TIE_BREAK = 1e-3
 
 
-@dataclass
-class TokenBucket:
-    """An in-process token bucket (the arithmetic :class:`RedisTokenBucket` shares)."""
+def hardness_score(probs: Sequence[float], *, disagreement: float | None = None, long_tail: bool = False) -> float:
+    """How hard a pair is, higher first: the order in which a batch's candidates get tokens.
 
-    rate: float
-    capacity: float
-    tokens: float
-    last: float
+    ``normalized_entropy(probs)`` (0 sure … 1 uniform) − ``0.001 × margin(probs)`` (among
+    equally flat distributions, two grades in a tie come first) + the size of the arm
+    disagreement ``|score − other arm's score|`` (0 … 1, 0 when only one arm scored) +
+    ``0.25`` for a long-tail query. So roughly 0 … 2.25: a pair uncertain *and* disputed by
+    the two arms outranks one that is only uncertain. The first term is what
+    ``benchmarks/online.py`` ranks its pool by.
 
-    def take(self, now: float, n: int = 1) -> bool:
-        return self.take_upto(now, n) == n if n > 0 else True
-
-    def take_upto(self, now: float, n: int) -> int:
-        """Take as many of ``n`` whole tokens as there are; returns how many were taken."""
-        self.tokens = refill(self.tokens, self.last, now, self.rate, self.capacity)
-        self.last = max(self.last, now)
-        granted = min(n, int(self.tokens + 1e-9))
-        self.tokens -= granted
-        return granted
-
-
-class RedisTokenBucket:
-    """The labeling budget shared by every stream worker: the bucket's state in one Redis hash.
-
-    Updated with an optimistic transaction (WATCH/MULTI), so concurrent workers never
-    spend a token twice; the arithmetic is :class:`TokenBucket`'s.
+    >>> hardness_score((1/3, 1/3, 1/3)) > hardness_score((0.45, 0.45, 0.10)) > hardness_score((0.9, 0.05, 0.05))
+    True
+    >>> hardness_score((0.9, 0.05, 0.05), disagreement=0.8) > hardness_score((0.34, 0.33, 0.33))
+    True
+    >>> round(hardness_score((0.9, 0.05, 0.05), long_tail=True) - hardness_score((0.9, 0.05, 0.05)), 6)
+    0.25
     """
-
-    def __init__(self, client: Any, key: str, rate: float, capacity: float) -> None:
-        self.client, self.key, self.rate, self.capacity = client, key, rate, capacity
-
-    def take_upto(self, now: float, n: int) -> int:
-        import redis
-
-        if n <= 0:
-            return 0
-        while True:
-            with self.client.pipeline() as pipe:
-                try:
-                    pipe.watch(self.key)
-                    state = pipe.hgetall(self.key)
-                    if state:
-                        bucket = TokenBucket(self.rate, self.capacity, float(state[b"tokens"]), float(state[b"last"]))
-                    else:
-                        bucket = TokenBucket(self.rate, self.capacity, self.capacity, now)
-                    granted = bucket.take_upto(now, n)
-                    pipe.multi()
-                    pipe.hset(self.key, mapping={"tokens": repr(bucket.tokens), "last": repr(bucket.last)})
-                    pipe.execute()
-                    return granted
-                except redis.WatchError:
-                    continue
-
-    def tokens(self, now: float) -> float:
-        state = self.client.hgetall(self.key)
-        if not state:
-            return self.capacity
-        return refill(float(state[b"tokens"]), float(state[b"last"]), now, self.rate, self.capacity)
+    score = normalized_entropy(probs) - MARGIN_TIE_BREAK * margin(probs)
+    if disagreement is not None:
+        score += abs(disagreement)
+    if long_tail:
+        score += LONG_TAIL_BONUS
+    return score
 
 
 # -- the sampler over Redis state -----------------------------------------------------------
@@ -228,10 +190,15 @@ class SamplerStats:
     emitted: int = 0
     replayed: int = 0
     duplicates: int = 0
-    over_budget: int = 0
+    over_budget: int = 0  # fresh hard cases refused for want of a token
+    backlog_full: int = 0  # fresh hard cases refused because the backlog was full
     labelled: int = 0
+    rate: float = 0.0  # the budget's refill rate at the last admission (hard cases/s)
+    rate_measured: bool = False  # whether that rate came from the labelers (else the starting rate)
+    backlog: int = 0  # the backlog before the last admission
+    backlog_limit: int = 0  # its bound at that rate
 
-    def as_dict(self) -> dict[str, int]:
+    def as_dict(self) -> dict[str, float]:
         return dict(self.__dict__)
 
 
@@ -305,9 +272,14 @@ class HardCaseSampler:
     first scored time and each arm's last score (TTL ``stream_arm_ttl_s``); per normalised query
     a sorted set ``q:<query>`` of request ids by event time, and ``requests`` for all queries
     (the sliding long-tail window); ``claim:<pair_id>`` (de-dup, TTL ``stream_dedup_ttl_s``,
-    value: the source offset that claimed it); ``budget`` (the token bucket). Every write is
-    idempotent, so replaying a batch after a crash leaves the same state, and a replayed event
-    whose claim it made itself is emitted again (at least once) without spending a token.
+    value: the source offset that claimed it); ``budget`` (the token bucket) and ``backlog``
+    (:class:`LabelingBudget`). Every write is idempotent, so replaying a batch after a crash
+    leaves the same state, and a replayed event whose claim it made itself is emitted again (at
+    least once) without spending a token nor entering the backlog again.
+
+    The batch's fresh hard cases ask the budget hardest first (:func:`hardness_score`, ties in
+    batch order); the admitted ones are returned hardest first too, so the labeler reads them
+    in that order. Those refused (no token, or the backlog full) release their claims.
     """
 
     def __init__(self, settings: Settings, client: Any, clock: Callable[[], float] = time.time) -> None:
@@ -315,7 +287,7 @@ class HardCaseSampler:
         self.client = client
         self.clock = clock
         self.cfg = HardnessConfig.from_settings(settings)
-        self.budget = RedisTokenBucket(client, stream_key(settings, "budget"), settings.stream_budget_per_s, settings.stream_budget_burst)
+        self.budget = LabelingBudget(settings, client)
         self.stats = SamplerStats()
         self._labelled = labelled_pairs_key(settings)
         self._requests = stream_key(settings, "requests")
@@ -350,16 +322,18 @@ class HardCaseSampler:
                 request_counts[(q, ev.request_id)] = (int(q_card), int(all_card))
         # 2. reasons.
         candidates: list[tuple[int, list[str]]] = []
+        hardness: dict[int, float] = {}
         for i, ((ev, _), (hm, labelled)) in enumerate(zip(batch, pair_state)):
             other = ARMS[1] if ev.arm == ARMS[0] else ARMS[0]
             other_raw = hm[1 + ARMS.index(other)]
+            other_score = float(other_raw) if other_raw is not None else None
             q_requests, all_requests = request_counts[(queries[i], ev.request_id)]
             reasons = hardness_reasons(
                 ev.grade_probs,
                 self.cfg,
                 labelled=labelled,
                 score=ev.score,
-                other_arm_score=float(other_raw) if other_raw is not None else None,
+                other_arm_score=other_score,
                 query_requests=q_requests,
                 window_requests=all_requests,
             )
@@ -368,11 +342,13 @@ class HardCaseSampler:
             if is_hard(reasons, self.cfg):
                 self.stats.hard += 1
                 candidates.append((i, reasons))
+                disagreement = ev.score - other_score if other_score is not None else None
+                hardness[i] = hardness_score(ev.grade_probs, disagreement=disagreement, long_tail=LONG_TAIL in reasons)
         if not candidates:
             return []
         # 3. de-dup claims: new, replayed (claimed by this very source offset) or duplicate.
         status = self._claim_script(
-            keys=[stream_key(s, "claim", ids[i]) for i, _ in candidates],
+            keys=[claim_key(s, ids[i]) for i, _ in candidates],
             args=[s.stream_dedup_ttl_s] + [batch[i][1].marker() for i, _ in candidates],
         )
         fresh, emit = [], set()
@@ -384,14 +360,22 @@ class HardCaseSampler:
                 self.stats.replayed += 1
             else:
                 self.stats.duplicates += 1
-        # 4. the budget: the first `granted` fresh claims are sent, the rest released.
-        granted = self.budget.take_upto(self.clock(), len(fresh))
-        emit.update(fresh[:granted])
-        if granted < len(fresh):
-            self.stats.over_budget += len(fresh) - granted
-            self.client.delete(*[stream_key(s, "claim", ids[i]) for i in fresh[granted:]])
+        # 4. the budget, hardest first: the `granted` hardest fresh claims are sent, the rest released.
+        now = self.clock()
+        granted = 0
+        if fresh:
+            fresh.sort(key=lambda i: -hardness[i])  # stable: ties keep batch order
+            admission = self.budget.admit(now, [ids[i] for i in fresh])
+            granted = admission.granted
+            emit.update(fresh[:granted])
+            self.stats.over_budget += admission.no_token
+            self.stats.backlog_full += admission.no_room
+            self.stats.rate, self.stats.rate_measured = admission.rate, admission.measured is not None
+            self.stats.backlog, self.stats.backlog_limit = admission.backlog, admission.limit
+            if granted < len(fresh):
+                self.client.delete(*[claim_key(s, ids[i]) for i in fresh[granted:]])
         out = []
-        for i, reasons in candidates:
+        for i, reasons in sorted(candidates, key=lambda c: -hardness[c[0]]):
             if i not in emit:
                 continue
             ev, _ = batch[i]
@@ -405,7 +389,7 @@ class HardCaseSampler:
                     reasons=reasons,
                     student_probs=ev.grade_probs,
                     model_version=ev.model_version,
-                    ts=self.clock(),
+                    ts=now,
                     first_scored_ts=min(float(first_raw), ev.ts) if first_raw is not None else ev.ts,
                 )
             )

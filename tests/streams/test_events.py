@@ -110,3 +110,64 @@ def test_json_schemas_describe_every_event() -> None:
     schemas = ev.json_schemas()
     assert set(schemas) == set(ev.TOPICS)
     assert "grade_probs" in schemas["scored"]["properties"]
+
+
+def _label_dict(**extra) -> dict:
+    return {**json.loads(ev.encode(sample_events()[4])), **extra}
+
+
+def test_label_carries_mass_confidence_grade_and_failed_perspectives() -> None:
+    label = ev.TeacherLabel(
+        pair_id="p1", query="q", ad_id="a1", probs=PROBS, teacher_id="vllm:m@mpcot-v1+rules-x", ts=5.0,
+        perspectives=[ev.Perspective(name="intent", rationale="fits", probs=PROBS, mass=0.93), ev.Perspective(name="attributes", rationale="fits", probs=PROBS, mass=0.71)],
+        confidence=0.82,
+        failed_perspectives=[ev.FailedPerspective(name="rules", reason="grade-token mass 0.03 < BROADFAST_TEACHER_MIN_MASS 0.5; the most likely token was 'The'")],
+    )  # fmt: skip
+    back = ev.decode("labels", ev.encode(label))
+    assert back == label
+    assert [p.mass for p in back.perspectives] == [0.93, 0.71] and back.confidence == 0.82 and back.grade is None
+    assert back.failed_perspectives[0].name == "rules" and "0.03" in back.failed_perspectives[0].reason
+    oracle = ev.decode("labels", json.dumps(_label_dict(grade=2, confidence=1.0)).encode())
+    assert oracle.grade == 2 and oracle.confidence == 1.0
+
+
+def test_a_label_without_the_new_fields_still_decodes() -> None:
+    old = _label_dict()
+    for key in ("confidence", "grade", "failed_perspectives"):
+        old.pop(key)
+    for p in old["perspectives"]:
+        p.pop("mass")
+    label = ev.decode("labels", json.dumps(old).encode())
+    assert label.confidence is None and label.grade is None and label.failed_perspectives == []
+    assert all(p.mass is None for p in label.perspectives)
+
+
+@pytest.mark.parametrize(
+    ("extra", "field", "reason"),
+    [
+        ({"confidence": 1.5}, "confidence", "less than or equal to 1"),
+        ({"confidence": -0.1}, "confidence", "greater than or equal to 0"),
+        ({"confidence": "0.5"}, "confidence", "valid number"),
+        ({"grade": 3}, "grade", "less than or equal to 2"),
+        ({"grade": 1.0}, "grade", "valid integer"),
+        ({"failed_perspectives": [{"name": "other"}]}, "failed_perspectives.0.reason", "Field required"),
+        ({"failed_perspectives": [{"name": "other", "reason": ""}]}, "failed_perspectives.0.reason", "at least 1 character"),
+        ({"failed_perspectives": [{"name": "other", "reason": "r", "why": 1}]}, "failed_perspectives.0.why", "Extra inputs"),
+        ({"failed_perspectives": [{"name": "rules", "reason": "unsure"}]}, "failed_perspectives", "cannot both give a grade and have failed"),
+    ],
+)
+def test_invalid_label_confidence_fields_are_named(extra: dict, field: str, reason: str) -> None:
+    with pytest.raises(EventValidationError) as info:
+        ev.decode("labels", json.dumps(_label_dict(**extra)).encode())
+    assert info.value.field == field
+    assert reason in info.value.reason
+
+
+@pytest.mark.parametrize(("mass", "reason"), [(1.01, "less than or equal to 1"), (-0.2, "greater than or equal to 0"), (float("nan"), "finite number")])
+def test_perspective_mass_is_a_finite_share(mass: float, reason: str) -> None:
+    data = _label_dict()
+    data["perspectives"][1]["mass"] = mass
+    with pytest.raises(EventValidationError) as info:
+        ev.decode("labels", json.dumps(data).encode())
+    assert info.value.field == "perspectives.1.mass"
+    assert reason in info.value.reason

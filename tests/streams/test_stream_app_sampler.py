@@ -12,14 +12,8 @@ import redis
 
 from streams.app import StreamProcessor
 from streams.events import Click, HardCase, Scored, decode, encode, pair_id
-from streams.sampler import (
-    DISAGREEMENT,
-    LONG_TAIL,
-    NOVEL,
-    UNCERTAINTY,
-    labelled_pairs_key,
-    stream_key,
-)
+from streams.keys import labelled_pairs_key, stream_key
+from streams.sampler import DISAGREEMENT, LONG_TAIL, NOVEL, UNCERTAINTY
 from tests.conftest import read_topic
 
 pytestmark = pytest.mark.integration
@@ -46,7 +40,10 @@ def make_processor(bus_settings):
     made = []
 
     def make(**overrides):
-        settings = bus_settings.model_copy(update={"stream_push_features": False, "stream_budget_per_s": 1e-6, "stream_budget_burst": 100.0, **overrides})
+        # a bucket that never refills (no labeler reports a rate: the starting rate is used) and a
+        # backlog bound these tests never reach (1e-6/s × 1e9 s = 1000 cases); the budget's own tests set theirs
+        base = {"stream_push_features": False, "stream_budget_per_s": 1e-6, "stream_budget_min_per_s": 1e-6, "stream_budget_burst": 100.0, "stream_max_queue_s": 1e9}
+        settings = bus_settings.model_copy(update=base | overrides)
         p = StreamProcessor(settings)
         made.append(p)
         return p
@@ -171,7 +168,7 @@ def test_malformed_records_go_to_dead_letters_and_the_batch_goes_on(make_process
 def test_the_budget_is_shared_by_concurrent_workers(bus_settings) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    from streams.sampler import RedisTokenBucket
+    from streams.budget import RedisTokenBucket
 
     key = stream_key(bus_settings, "budget")
     clients = [redis.Redis.from_url(bus_settings.redis_url) for _ in range(4)]

@@ -10,20 +10,9 @@ from broadfast.settings import Settings
 from streams.app import faust_app_id, faust_config
 from streams.counters import CounterValues, increments, window_start
 from streams.events import Click, Scored
-from streams.sampler import (
-    DISAGREEMENT,
-    LONG_TAIL,
-    NOVEL,
-    UNCERTAINTY,
-    HardnessConfig,
-    TokenBucket,
-    hardness_reasons,
-    is_hard,
-    labelled_pairs_key,
-    margin,
-    normalized_entropy,
-    refill,
-)
+from streams.budget import refill, TokenBucket
+from streams.keys import labelled_pairs_key
+from streams.sampler import DISAGREEMENT, LONG_TAIL, NOVEL, UNCERTAINTY, hardness_reasons, HardnessConfig, is_hard, margin, normalized_entropy
 
 CFG = HardnessConfig(entropy_threshold=0.9, margin_threshold=0.1, disagreement_threshold=0.25, long_tail_max_requests=1, long_tail_min_traffic=10)
 

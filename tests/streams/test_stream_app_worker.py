@@ -113,7 +113,9 @@ def test_worker_end_to_end_with_dead_letters_and_feast_push(bus_settings, tmp_pa
 
 def test_kill_9_mid_stream_then_restart_loses_nothing_and_counts_once(bus_settings, tmp_path) -> None:
     settings = bus_settings.model_copy(
-        update={"stream_web_port": 0, "stream_push_features": False, "stream_budget_burst": 10_000.0, "stream_batch_size": 40, "stream_long_tail_min_traffic": 10**9, "stream_counter_window_s": 60, "home": tmp_path}
+        update={"stream_web_port": 0, "stream_push_features": False, "stream_budget_burst": 10_000.0, "stream_batch_size": 40, "stream_long_tail_min_traffic": 10**9, "stream_counter_window_s": 60, "home": tmp_path,
+                # no labeler runs here: without this the backlog bound (rate × max queue) would stop admission at 40
+                "stream_max_queue_s": 1e9}
     )
     n = 3000
     events = [sc(i, f"q{i % 40}", f"a{i % 97}", FLAT if i % 9 == 0 else SURE, 1_000.0 + i * 0.1) for i in range(n)]

@@ -4,6 +4,8 @@ the transformers backend with a tiny from-scratch model, and the oracle."""
 from __future__ import annotations
 
 import json
+import logging
+import time
 
 import numpy as np
 import pandas as pd
@@ -14,7 +16,8 @@ from broadfast.settings import Settings
 from streams.bus import EventBus
 from streams.events import HardCase, TeacherLabel, decode, pair_id
 from streams.labeler import Labeler, already_labelled, labelled_key
-from streams.sampler import labelled_pairs_key
+from streams.budget import budget_status, read_teacher_rates
+from streams.keys import backlog_key, claim_key, labeler_counts_key, labelled_pairs_key
 from tests.conftest import read_topic
 from training.teacher.errors import TeacherUnavailable
 from training.teacher.mpcot import LLMTeacher
@@ -24,7 +27,8 @@ from training.teacher.vllm_backend import VLLMEngine
 pytestmark = pytest.mark.integration
 
 
-def hard_case(query: str, ad_id: str, title: str, first_scored_ts: float | None = 100.0) -> HardCase:
+def hard_case(query: str, ad_id: str, title: str, first_scored_ts: float | None = 100.0, ts: float | None = None) -> HardCase:
+    """A hard case admitted now (or at ``ts``): the labeler drops those older than ``labeler_max_age_s``."""
     return HardCase(
         pair_id=pair_id(query, ad_id),
         query=query,
@@ -33,7 +37,7 @@ def hard_case(query: str, ad_id: str, title: str, first_scored_ts: float | None 
         reasons=["uncertain"],
         student_probs=(0.3, 0.4, 0.3),
         model_version="v1",
-        ts=123.0,
+        ts=time.time() if ts is None else ts,
         first_scored_ts=first_scored_ts,
     )
 
@@ -75,7 +79,8 @@ def test_worker_labels_each_hard_case_once_with_the_transformers_backend(bus_set
         hard_case("deck screws", "a3", "GRK 2-1/2 in. Deck Screws (100-Pack)", first_scored_ts=None),
     ]
     publish(settings, cases + [cases[0]])  # the same hard case twice
-    teacher = LLMTeacher(engine=tiny_engine, backend="transformers", max_tokens=8)
+    # the random tiny model is unsure of every grade: no mass minimum, so each perspective counts
+    teacher = LLMTeacher(engine=tiny_engine, backend="transformers", max_tokens=8, min_mass=0.0)
     worker = run_worker(settings, teacher, expect=4)
     assert worker.stats.consumed == 4 and worker.stats.labelled == 3 and worker.stats.failed == 0
 
@@ -92,6 +97,9 @@ def test_worker_labels_each_hard_case_once_with_the_transformers_backend(bus_set
         assert emb.shape == (3, 384) and np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-4)
         assert sum(lab.probs) == pytest.approx(1.0, abs=1e-3)
         assert lab.probs == pytest.approx(tuple(np.mean([p.probs for p in lab.perspectives], axis=0)), abs=1e-6)
+        assert all(0.0 < p.mass < 1.0 for p in lab.perspectives) and lab.failed_perspectives == []
+        assert lab.confidence == pytest.approx(float(np.mean([p.mass for p in lab.perspectives])), abs=1e-6)
+        assert lab.grade is None  # a model's label has no human grade
         assert lab.first_scored_ts == case.first_scored_ts
         assert lab.query == case.query and lab.ad_id == case.ad_id
 
@@ -121,6 +129,7 @@ def test_unlabellable_pairs_go_to_dead_letters_and_offsets_move_on(bus_settings:
     label = decode("labels", label_rec.value)
     assert label.pair_id == known.pair_id and label.teacher_id == "oracle:human-grades(toy.parquet)"
     assert label.probs[2] > 0.9
+    assert (label.grade, label.confidence, label.perspectives[0].mass) == (2, 1.0, 1.0)
 
     [dl_rec] = read_topic(bus_settings, "deadletter", expect=1)
     letter = decode("deadletter", dl_rec.value)
@@ -176,5 +185,58 @@ def test_cli_worker_with_the_oracle(bus_settings: Settings, shared_data, monkeyp
     assert '"labelled": 1' in res.output and '"skipped": 1' in res.output
     [rec] = read_topic(bus_settings, "labels", expect=1)
     lab = decode("labels", rec.value)
-    assert lab.teacher_id == "oracle:human-grades(homedepot/dev.parquet)"
-    assert int(np.argmax(lab.probs)) == int(row["grade"])
+    assert lab.teacher_id == "oracle:human-relevance(homedepot/dev.parquet)"
+    assert lab.grade == int(row["grade"]) and lab.confidence == 1.0
+    assert int(np.argmax(lab.probs)) == int(row["grade"])  # row 0: relevance 2.67 of [1, 3], grade 2
+
+
+def test_a_stale_hard_case_is_dropped_and_counted_not_labelled(bus_settings: Settings, caplog) -> None:
+    settings = bus_settings.model_copy(update={"labeler_max_age_s": 60.0})
+    now = time.time()
+    fresh = [hard_case("hammer", "h1", "Estwing Hammer"), hard_case("saw", "s1", "Saw", ts=now - 50)]
+    stale = hard_case("drill", "d1", "Drill", ts=now - 120)  # waited two minutes in the queue
+    client = redis.Redis.from_url(settings.redis_url)
+    for case in [*fresh, stale]:  # what the sampler left when it admitted them
+        client.set(claim_key(settings, case.pair_id), f"{settings.topic('scored')}:0:1")
+        client.zadd(backlog_key(settings), {case.pair_id: case.ts})
+    publish(settings, [fresh[0], stale, fresh[1]])
+    oracle = OracleTeacher.from_frame(
+        pd.DataFrame({"query": ["hammer", "saw", "drill"], "product_id": ["h1", "s1", "d1"], "grade": [2, 1, 0]}), source="toy.parquet"
+    )
+    with caplog.at_level(logging.INFO, logger="streams.labeler"):
+        worker = run_worker(settings, oracle, expect=3)
+    assert (worker.stats.consumed, worker.stats.labelled, worker.stats.dropped_stale, worker.stats.failed) == (3, 2, 1, 0)
+
+    labels = [decode("labels", r.value) for r in read_topic(settings, "labels", expect=3, timeout_s=4)]
+    assert sorted(lab.pair_id for lab in labels) == sorted(c.pair_id for c in fresh), "the stale case must not be labelled"
+    assert read_topic(settings, "deadletter", timeout_s=2) == [], "a stale case is not malformed: no dead letter"
+    assert committed_total(settings) == 3, "its offset moves on all the same"
+    # counted where the demo reads it, and in the summary line
+    assert int(client.hget(labeler_counts_key(settings), "dropped_stale")) == 1
+    assert int(client.hget(labeler_counts_key(settings), "labelled")) == 2
+    assert budget_status(client, settings)["dropped_stale"] == 1
+    assert any("1 dropped as stale" in r.getMessage() for r in caplog.records), [r.getMessage() for r in caplog.records]
+    # its claim and backlog entry are released (it may be sampled again); the labelled ones leave the backlog, keep their claims
+    assert client.exists(claim_key(settings, stale.pair_id)) == 0
+    assert all(client.exists(claim_key(settings, c.pair_id)) == 1 for c in fresh)
+    assert client.zcard(backlog_key(settings)) == 0
+    assert not client.sismember(labelled_pairs_key(settings), stale.pair_id)
+    client.close()
+
+
+def test_the_worker_reports_its_measured_rate_and_removes_it_when_it_stops(bus_settings: Settings) -> None:
+    cases = [hard_case("hammer", "h1", "Estwing Hammer"), hard_case("saw", "s1", "Saw")]
+    publish(bus_settings, cases)
+    oracle = OracleTeacher.from_frame(pd.DataFrame({"query": ["hammer", "saw"], "product_id": ["h1", "s1"], "grade": [2, 1]}), source="toy.parquet")
+    client = redis.Redis.from_url(bus_settings.redis_url)
+    worker = Labeler(bus_settings, oracle)
+    try:
+        worker.run(idle_polls=40, max_records=2)
+        [report] = read_teacher_rates(client, bus_settings, time.time())
+        assert report.worker == worker.worker_id and report.teacher_id == oracle.teacher_id
+        assert report.rate == pytest.approx(2 / worker.stats.seconds_busy) and report.rate == worker.stats.rate
+        assert report.expires >= time.time() + bus_settings.labeler_rate_ttl_s - 5
+    finally:
+        worker.close()
+    assert read_teacher_rates(client, bus_settings, time.time()) == [], "a stopped labeler's rate no longer counts"
+    client.close()
