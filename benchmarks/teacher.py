@@ -11,7 +11,9 @@ request; transformers: 12 prompts per forward batch) and (b) one prompt per requ
 request at a time. Labels/s counts labelled pairs (3 perspectives each); tokens/s counts
 generated rationale tokens. Agreement: the argmax grade vs the human grade (accuracy), the
 Spearman correlation of the score P(exact)+½P(partial) with the raters' mean relevance,
-and the majority-grade accuracy as the floor to beat. Rows are merged into
+and the majority-grade accuracy as the floor to beat; with the mean confidence (grade-token
+mass of the perspectives used) and how many labels lost a perspective to a mass below
+``--min-mass`` (default BROADFAST_TEACHER_MIN_MASS). Rows are merged into
 benchmarks/results/teacher.json so parts can be run separately; the table is
 benchmarks/results/teacher.md.
 """
@@ -70,7 +72,8 @@ def agreement(results, df) -> dict:
 
     idx = [i for i, r in enumerate(results) if isinstance(r, Label)]
     if not idx:
-        return {"n": 0}
+        return {"n": 0, "failed": len(results)}
+    conf = [results[i].confidence for i in idx if results[i].confidence is not None]
     grades = df["grade"].to_numpy()[idx]
     pred = np.array([int(np.argmax(results[i].probs)) for i in idx])
     scores = np.array([score_from_probs(results[i].probs) for i in idx])
@@ -83,6 +86,8 @@ def agreement(results, df) -> dict:
         "majority_accuracy": float((grades == majority).mean()),
         "spearman": float(rho),
         "pred_mix": np.bincount(pred, minlength=3).tolist(),
+        "mean_confidence": float(np.mean(conf)) if conf else float("nan"),
+        "partial": sum(1 for i in idx if results[i].failed_perspectives),
     }
 
 
@@ -115,7 +120,8 @@ def bench_vllm(args, pairs, df, out: dict) -> None:
         ctx = vllm_server(venv)
     with ctx as url:
         def teacher(concurrency: int, per_request: int) -> LLMTeacher:
-            return LLMTeacher(engine=VLLMEngine(url, SERVED_NAME, concurrency=concurrency, prompts_per_request=per_request, timeout_s=300), backend="vllm", max_tokens=args.max_tokens)
+            engine = VLLMEngine(url, SERVED_NAME, concurrency=concurrency, prompts_per_request=per_request, timeout_s=300)
+            return LLMTeacher(engine=engine, backend="vllm", max_tokens=args.max_tokens, min_mass=args.min_mass)
 
         fast = teacher(16, 3)
         run_labels(fast, pairs[:4], 4)  # warm-up (compilation, caches)
@@ -123,7 +129,7 @@ def bench_vllm(args, pairs, df, out: dict) -> None:
         print(json.dumps(out["speed"]["vllm"], indent=1))
         save(out)
         results, stats = run_labels(fast, pairs, 16)
-        out["agreement"]["vllm"] = {"teacher": fast.teacher_id, **agreement(results, df), "labels_s": stats["labels_s"]}
+        out["agreement"]["vllm"] = {"teacher": fast.teacher_id, **agreement(results, df), "labels_s": stats["labels_s"], "min_mass": args.min_mass}
         print(json.dumps(out["agreement"]["vllm"], indent=1))
 
 
@@ -136,15 +142,15 @@ def bench_transformers(args, pairs, df, out: dict) -> None:
     torch.set_num_threads(1)
     engine = TransformersEngine.load(batch_size=12, threads=1)
     single = TransformersEngine(engine.model, engine.tok, engine.name, batch_size=1)
-    fast = LLMTeacher(engine=engine, backend="transformers", max_tokens=args.max_tokens)
-    slow = LLMTeacher(engine=single, backend="transformers", max_tokens=args.max_tokens)
+    fast = LLMTeacher(engine=engine, backend="transformers", max_tokens=args.max_tokens, min_mass=args.min_mass)
+    slow = LLMTeacher(engine=single, backend="transformers", max_tokens=args.max_tokens, min_mass=args.min_mass)
     run_labels(fast, pairs[:1], 1)  # warm-up
     out["speed"]["transformers"] = speed_rows("transformers (local, CPU), SmolLM2-135M-Instruct GGUF", fast, slow, pairs[: args.speed_pairs], 4)
     print(json.dumps(out["speed"]["transformers"], indent=1))
     save(out)
     n = min(args.hf_pairs, len(pairs))
     results, stats = run_labels(fast, pairs[:n], 4)
-    out["agreement"]["transformers"] = {"teacher": fast.teacher_id, **agreement(results, df.iloc[:n]), "labels_s": stats["labels_s"]}
+    out["agreement"]["transformers"] = {"teacher": fast.teacher_id, **agreement(results, df.iloc[:n]), "labels_s": stats["labels_s"], "min_mass": args.min_mass}
     print(json.dumps(out["agreement"]["transformers"], indent=1))
 
 
@@ -185,14 +191,16 @@ def render(out: dict) -> str:
         "",
         f"## Agreement with human grades (Home Depot dev, {out.get('pairs', '?')} pairs sampled with seed 0; a row asked fewer says so)",
         "",
-        "| teacher | labelled / asked | failed | accuracy (argmax = human grade) | majority-grade accuracy | Spearman(score, human relevance) | predicted grade mix 0/1/2 |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| teacher | labelled / asked | failed | accuracy (argmax = human grade) | majority-grade accuracy | Spearman(score, human relevance) | predicted grade mix 0/1/2 | mean confidence | labels missing a perspective (min mass) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in out["agreement"].values():
         if not row.get("n"):
             continue
         mix = "/".join(str(x) for x in row["pred_mix"])
-        lines.append(f"| `{row['teacher']}` | {row['n']} / {row['n'] + row['failed']} | {row['failed']} | {row['accuracy']:.3f} | {row['majority_accuracy']:.3f} | {row['spearman']:.3f} | {mix} |")
+        conf = f"{row['mean_confidence']:.3f}" if "mean_confidence" in row else "not measured"
+        partial = f"{row['partial']} ({row['min_mass']:g})" if "partial" in row and "min_mass" in row else ("0" if row.get("partial") == 0 else "–")
+        lines.append(f"| `{row['teacher']}` | {row['n']} / {row['n'] + row['failed']} | {row['failed']} | {row['accuracy']:.3f} | {row['majority_accuracy']:.3f} | {row['spearman']:.3f} | {mix} | {conf} | {partial} |")
     short = [r for r in out["agreement"].values() if r.get("n") and r["n"] + r["failed"] < out.get("pairs", 0)]
     for r in short:
         lines.append(
@@ -205,7 +213,9 @@ def render(out: dict) -> str:
         "**Read plainly:** a 135M-parameter instruct model is not a relevance judge. Its grades carry (next to) no signal —",
         "look at the Spearman column, and compare its accuracy with always answering the majority grade. The LLM path is",
         "here for correctness and speed; the learning loop's quality is measured with the oracle teacher (a simulated",
-        "annotator answering from the human grades, a sanity row that should sit near 1.0), and a real deployment points",
+        "annotator answering from the human judgements, a sanity row: its Spearman should sit near 1.0; from a file with a",
+        "`relevance` column its soft label is the raters' mean spread over two grades, so a mean halfway between two grades",
+        "can tip its argmax below the human grade and its accuracy is under 1.0), and a real deployment points",
         "`BROADFAST_TEACHER_URL` at a strong model served by vLLM on a GPU.",
         "",
     ]
@@ -220,7 +230,12 @@ def main() -> None:
     ap.add_argument("--speed-pairs", type=int, default=16, help="Pairs for the throughput comparison.")
     ap.add_argument("--max-tokens", type=int, default=48, help="Most rationale tokens.")
     ap.add_argument("--only", default="vllm,transformers,oracle")
+    ap.add_argument("--min-mass", type=float, default=None, help="Least grade-token mass of a usable perspective [BROADFAST_TEACHER_MIN_MASS].")
     args = ap.parse_args()
+    if args.min_mass is None:
+        from broadfast.settings import Settings
+
+        args.min_mass = Settings().teacher_min_mass
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     store = RESULTS / "teacher.json"

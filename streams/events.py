@@ -157,18 +157,43 @@ class HardCase(Event):
     _probs = field_validator("student_probs")(_check_probs)
 
 
+Unit = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
+
+
 class Perspective(BaseModel):
+    """One perspective's rationale and soft grade.
+
+    ``mass``: the total probability the teacher gave the three grade tokens at the grade
+    position, before ``probs`` was renormalised over them (how sure it was that it was
+    writing a grade at all); None where a teacher has no such figure (older events).
+    """
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: NonEmpty
     rationale: Annotated[str, Field(min_length=1, max_length=20_000)]
     probs: Probs
+    mass: Unit | None = Field(
+        default=None, description="Total probability of the three grade tokens at the grade position, before renormalising (null: not measured)."
+    )
 
     _probs = field_validator("probs")(_check_probs)
 
 
+class FailedPerspective(BaseModel):
+    """A perspective that gave no usable grade, and why (e.g. its grade-token mass was too low)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: NonEmpty
+    reason: Annotated[str, Field(min_length=1, max_length=8192)]
+
+
 class TeacherLabel(Event):
     """The teacher's multi-perspective label of a pair (``relevance.labels``, key: pair_id)."""
+
+    # ``probs`` aggregates the perspectives that gave a grade; those that did not are in
+    # ``failed_perspectives`` (name and reason each), never given a made-up grade.
 
     topic_name: ClassVar[str] = "labels"
     pair_id: NonEmpty
@@ -183,8 +208,26 @@ class TeacherLabel(Event):
     teacher_id: NonEmpty
     ts: Timestamp
     first_scored_ts: Timestamp | None = None
+    confidence: Unit | None = Field(
+        default=None, description="Mean grade-token mass of the perspectives used, in [0, 1] (1.0 for the oracle; null where unknown)."
+    )
+    grade: Annotated[int, Field(ge=0, le=2)] | None = Field(
+        default=None, description="A human grade (0 irrelevant, 1 partial, 2 exact) where the teacher has one (the oracle); null for a model's label."
+    )
+    failed_perspectives: list[FailedPerspective] = Field(
+        default_factory=list, description="Perspectives that gave no usable grade (name and reason each); the label aggregates the others."
+    )
 
     _probs = field_validator("probs")(_check_probs)
+
+    @field_validator("failed_perspectives")
+    @classmethod
+    def _failed_are_not_used(cls, value: list[FailedPerspective], info: Any) -> list[FailedPerspective]:
+        used = {p.name for p in info.data.get("perspectives") or ()}
+        both = sorted({f.name for f in value} & used)
+        if both:
+            raise ValueError(f"perspective(s) {', '.join(both)} cannot both give a grade and have failed")
+        return value
 
     @field_validator("rationale_embeddings")
     @classmethod

@@ -153,8 +153,8 @@ def registry() -> None:
 @registry.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifests as JSON.")
 def registry_list(as_json: bool) -> None:
-    """List model versions (oldest first; * marks the champion)."""
-    from training.registry import Registry
+    """List model versions (oldest first; * marks the champion; teachers: who labelled the training data, with label counts)."""
+    from training.registry import Registry, teachers_column
 
     reg = Registry(command_settings())
     manifests = reg.manifests()
@@ -171,19 +171,25 @@ def registry_list(as_json: bool) -> None:
         when = dt.datetime.fromtimestamp(m.created_at, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
         metrics = " ".join(f"{k}={v:.4g}" for k, v in sorted(m.metrics.items()))
         mark = "*" if m.version == champion else " "
-        click.echo(f"{mark} {m.version}  {when}  parent={m.parent or '-'}  sha256={m.sha256[:12]}  {metrics}")
+        click.echo(f"{mark} {m.version}  {when}  parent={m.parent or '-'}  sha256={m.sha256[:12]}  teachers={teachers_column(m.trained_on)}  {metrics}")
 
 
 @registry.command("show")
 @click.argument("version")
-def registry_show(version: str) -> None:
-    """Show one version's manifest."""
-    from training.registry import Registry
+@click.option("--json", "as_json", is_flag=True, help='Print the whole manifest as JSON (+ "champion": true/false).')
+def registry_show(version: str, as_json: bool) -> None:
+    """Show one version: metrics, what it was trained on, and which teachers labelled its data (ids and counts)."""
+    from training.registry import Registry, describe
 
     reg = Registry(command_settings())
-    manifest = json.loads(reg.show(version).to_json())
-    manifest["champion"] = reg.champion() == version
-    click.echo(json.dumps(manifest, indent=2, sort_keys=True))
+    found = reg.show(version)
+    champion = reg.champion() == version
+    if as_json:
+        manifest = json.loads(found.to_json())
+        manifest["champion"] = champion
+        click.echo(json.dumps(manifest, indent=2, sort_keys=True))
+        return
+    click.echo(describe(found, champion=champion))
 
 
 @registry.command("publish")

@@ -310,3 +310,91 @@ def _numeric(metrics: dict[str, Any]) -> dict[str, float]:
             out[str(key)] = float(value)
     return out
 
+
+
+# -- display (``broadfast registry list / show``) ------------------------------------------
+def teacher_counts(trained_on: dict[str, Any]) -> dict[str, int]:
+    """``trained_on["teachers"]`` (teacher id → labels trained on), most labels first; {} when absent.
+
+    >>> teacher_counts({"teachers": {"vllm:m@t": 3, "oracle:human-grades(a.parquet)": 5}, "rows": 8})
+    {'oracle:human-grades(a.parquet)': 5, 'vllm:m@t': 3}
+    """
+    raw = trained_on.get("teachers") if isinstance(trained_on, dict) else None
+    if not isinstance(raw, dict):
+        return {}
+    counts = {str(k): int(v) for k, v in raw.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def short_teacher_id(teacher_id: str) -> str:
+    """A teacher id cut to what tells teachers apart in a listing: the backend and the model's
+    last name part (``vllm:SmolLM2-135M-Instruct``), or the oracle's kind (``oracle:human-relevance``).
+
+    >>> short_teacher_id("vllm:HuggingFaceTB/SmolLM2-135M-Instruct@mpcot-v1+rules-1a2b3c4d")
+    'vllm:SmolLM2-135M-Instruct'
+    >>> short_teacher_id("oracle:human-relevance(homedepot/dev.parquet)")
+    'oracle:human-relevance'
+    """
+    backend, sep, rest = teacher_id.partition(":")
+    if not sep:
+        return teacher_id[:40]
+    model = rest.split("@", 1)[0].split("(", 1)[0].rstrip("/").rsplit("/", 1)[-1]
+    return f"{backend}:{model}" if model else backend
+
+
+def teachers_column(trained_on: dict[str, Any]) -> str:
+    """The short teachers column of ``registry list``: ``oracle:human-relevance(480)``, or ``—``.
+
+    >>> teachers_column({"teachers": {"oracle:human-relevance(hd/dev.parquet)": 480, "vllm:org/M@t+rules-1": 32}})
+    'oracle:human-relevance(480),vllm:M(32)'
+    >>> teachers_column({"data": "hd.parquet"})
+    '—'
+    """
+    counts: dict[str, int] = {}
+    for tid, n in teacher_counts(trained_on).items():
+        short = short_teacher_id(tid)
+        counts[short] = counts.get(short, 0) + n
+    return ",".join(f"{t}({n})" for t, n in counts.items()) or "—"
+
+
+def describe(manifest: Manifest, champion: bool = False) -> str:
+    """A readable view of a manifest for ``registry show``: what it is, how good, what it learnt
+    from, and which teachers labelled its training data (ids and label counts)."""
+    import datetime as dt
+
+    when = dt.datetime.fromtimestamp(manifest.created_at, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    rows = [
+        ("version", f"{manifest.name} {manifest.version}" + ("  (champion)" if champion else "")),
+        ("parent", manifest.parent or "—"),
+        ("created", when),
+        ("sha256", manifest.sha256),
+        ("uri", manifest.uri or "—"),
+        ("metrics", "  ".join(f"{k}={v:.4g}" for k, v in sorted(manifest.metrics.items())) or "—"),
+    ]
+    if manifest.student:
+        rows.append(("student", "  ".join(f"{k}={_compact(v)}" for k, v in sorted(manifest.student.items()))))
+    other = {k: v for k, v in manifest.trained_on.items() if k != "teachers"}
+    rows.append(("trained on", "  ".join(f"{k}={_compact(v)}" for k, v in sorted(other.items())) or "—"))
+    width = max(len(k) for k, _ in rows)
+    lines = [f"{k:<{width}}  {v}" for k, v in rows]
+    counts = teacher_counts(manifest.trained_on)
+    if not counts:
+        lines.append(f"{'teachers':<{width}}  — (not recorded: this version's trainer did not say which teachers labelled its data)")
+        return "\n".join(lines)
+    total = sum(counts.values())
+    lines.append(f"{'teachers':<{width}}  {len(counts)} teacher(s), {total:,} label(s) trained on:")
+    digits = len(f"{total:,}")
+    for tid, n in counts.items():
+        share = f"{100 * n / total:.0f} %" if total else "–"
+        kind = "simulated annotator (human judgements)" if tid.startswith("oracle:") else "model"
+        lines.append(f"{'':<{width}}    {n:>{digits},}  {share:>5}  {tid}  [{kind}]")
+    return "\n".join(lines)
+
+
+def _compact(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (dict, list)):
+        text = json.dumps(value, separators=(",", ":"), sort_keys=True)
+        return text if len(text) <= 120 else text[:117] + "…"
+    return str(value)

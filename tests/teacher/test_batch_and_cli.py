@@ -13,6 +13,7 @@ from streams.events import pair_id
 from training.teacher.labels import LABEL_COLUMNS, failures_path, label_file
 from training.teacher.mpcot import LLMTeacher
 from training.teacher.oracle import OracleTeacher
+from training.targets import relevance_to_probs
 
 
 def test_cli_batch_labels_a_file_with_the_oracle(shared_data, tmp_path, monkeypatch):
@@ -28,10 +29,15 @@ def test_cli_batch_labels_a_file_with_the_oracle(shared_data, tmp_path, monkeypa
     truth = pd.read_parquet(data).head(12)
     assert list(df["query"]) == list(truth["query"]) and list(df["product_id"]) == list(truth["product_id"].astype(str))
     assert list(df["pair_id"]) == [pair_id(q, a) for q, a in zip(truth["query"], truth["product_id"].astype(str))]
-    assert (np.argmax(np.stack(df["probs"].to_numpy()), axis=1) == truth["grade"].to_numpy()).all()
+    # the raters' mean relevance spread over the neighbouring grades on the file's own scale, smoothed 0.1
+    whole = pd.read_parquet(data)["relevance"]
+    spread = relevance_to_probs(truth["relevance"].to_numpy(), whole.min(), whole.max())
+    assert np.allclose(np.stack(df["probs"].to_numpy()), 0.9 * spread + 0.1 / 3, atol=1e-6)
     assert np.allclose(df[["p_irrelevant", "p_partial", "p_exact"]].sum(axis=1), 1.0)
+    assert list(df["human_grade"]) == list(truth["grade"]) and (df["confidence"] == 1.0).all()
+    assert all(list(m) == [1.0] for m in df["perspective_mass"]) and all(len(f) == 0 for f in df["failed_perspectives"])
     assert all(len(e) == len(r) == 1 and len(e[0]) == 384 for e, r in zip(df["rationale_embeddings"], df["rationales"]))
-    assert df["teacher_id"].iloc[0] == "oracle:human-grades(homedepot/dev.parquet)"
+    assert df["teacher_id"].iloc[0] == "oracle:human-relevance(homedepot/dev.parquet)"
 
 
 def test_cli_refuses_data_without_out(tmp_path):
@@ -50,12 +56,24 @@ def test_failures_are_kept_apart_never_invented(tmp_path, tiny_engine):
     failed = pd.read_parquet(failures_path(out))
     assert list(failed["query"]) == ["saw", "hammer"] and failed["reason"].str.contains("no human grade").all()
 
-    # the transformers backend writes K=3 perspectives per row
+    # the transformers backend writes K=3 perspectives per row (the random tiny model is unsure of
+    # its grades: with no mass minimum every perspective counts, and its mass is written)
     out2 = tmp_path / "tiny.parquet"
-    teacher = LLMTeacher(engine=tiny_engine, backend="transformers", max_tokens=6)
+    teacher = LLMTeacher(engine=tiny_engine, backend="transformers", max_tokens=6, min_mass=0.0)
     summary = label_file(teacher, data, out2, batch_size=3, progress=False)
     df = pd.read_parquet(out2)
-    assert summary["labelled"] == len(df) == 3 and not failures_path(out2).exists()
+    assert summary["labelled"] == len(df) == 3 and summary["partial"] == 0 and not failures_path(out2).exists()
     assert all(len(e) == 3 and all(len(v) == 384 for v in e) for e in df["rationale_embeddings"])
     assert list(df["perspectives"].iloc[0]) == ["user_intent", "attributes", "business_rules"]
     assert summary["tokens"] > 0
+    masses = np.stack(df["perspective_mass"].to_numpy())
+    assert masses.shape == (3, 3) and ((masses > 0) & (masses < 0.5)).all()
+    assert np.allclose(df["confidence"], masses.mean(axis=1)) and (df["human_grade"] == -1).all()
+
+    # with the default minimum (0.5) that model's grades are all too unsure: failures with reasons, no labels
+    out3 = tmp_path / "tiny-strict.parquet"
+    strict = LLMTeacher(engine=tiny_engine, backend="transformers", max_tokens=6)
+    summary = label_file(strict, data, out3, batch_size=3, progress=False)
+    assert (summary["labelled"], summary["failed"]) == (0, 3) and pd.read_parquet(out3).empty
+    reasons = pd.read_parquet(failures_path(out3))["reason"]
+    assert reasons.str.count("< BROADFAST_TEACHER_MIN_MASS 0.5; the most likely token was").eq(3).all()

@@ -18,6 +18,8 @@ from training.teacher.mpcot import (
     Rules,
     aggregate,
     clean_rationale,
+    GradeRead,
+    grade_failure,
     grade_probs_from_top_logprobs,
     load_template,
     teacher_id_for,
@@ -83,19 +85,37 @@ def test_teacher_id_names_model_template_and_rules(tmp_path):
 # -- grades ----------------------------------------------------------------------------------------
 def test_grade_is_read_at_the_first_non_space_position():
     positions = [{" ": -0.05, "2": -3.0}, {"0": math.log(0.1), "1": math.log(0.2), "2": math.log(0.6), "x": math.log(0.1)}]
-    p = grade_probs_from_top_logprobs(positions)
-    assert p == pytest.approx((0.1 / 0.9, 0.2 / 0.9, 0.6 / 0.9))
+    read = grade_probs_from_top_logprobs(positions)
+    assert read.probs == pytest.approx((0.1 / 0.9, 0.2 / 0.9, 0.6 / 0.9))
+    assert read.mass == pytest.approx(0.9)  # the confidence the renormalisation would throw away
+    assert read.top_token == "2"
 
 
 def test_grade_tokens_with_leading_space_count_and_missing_ones_are_zero():
-    p = grade_probs_from_top_logprobs([{" 2": math.log(0.5), "2": math.log(0.25), " 0": math.log(0.25), "the": -5.0}])
-    assert p == pytest.approx((0.25, 0.0, 0.75))
+    read = grade_probs_from_top_logprobs([{" 2": math.log(0.5), "2": math.log(0.25), " 0": math.log(0.2), "the": math.log(0.05)}])
+    assert read.probs == pytest.approx((0.2 / 0.95, 0.0, 0.75 / 0.95))
+    assert read.mass == pytest.approx(0.95)
+
+
+def test_low_mass_is_kept_not_renormalised_away():
+    # The model wanted to write "The"; the digits share 3 % of the mass.
+    read = grade_probs_from_top_logprobs([{"The": math.log(0.9), "2": math.log(0.02), "1": math.log(0.01), "A": math.log(0.07)}])
+    assert read.probs == pytest.approx((0.0, 1 / 3, 2 / 3))
+    assert read.mass == pytest.approx(0.03) and read.top_token == "The"
+    assert grade_failure(read, ("0", "1", "2"), 0.5) == "grade-token mass 0.03 < BROADFAST_TEACHER_MIN_MASS 0.5; the most likely token was 'The'"
+    assert grade_failure(read, ("0", "1", "2"), 0.03) is None  # at the minimum: usable
+    # a mass just under the minimum is not printed as equal to it
+    assert "0.4999 < BROADFAST_TEACHER_MIN_MASS 0.5" in grade_failure(GradeRead((0, 0, 1), 0.4999, "x"), ("0", "1", "2"), 0.5)
 
 
 def test_no_grade_token_is_unreadable_not_invented():
-    assert grade_probs_from_top_logprobs([{"The": -0.1, "A": -2.0}]) is None
-    assert grade_probs_from_top_logprobs([{" ": -0.1}, {"\n": -0.1}]) is None  # only whitespace
-    assert grade_probs_from_top_logprobs([]) is None
+    read = grade_probs_from_top_logprobs([{"The": -0.1, "A": -2.0}])
+    assert read.probs is None and read.mass == 0.0 and read.top_token == "The"
+    assert "unreadable grade" in grade_failure(read, ("0", "1", "2"), 0.0) and "'The'" in grade_failure(read, ("0", "1", "2"), 0.0)
+    for nothing in ([{" ": -0.1}, {"\n": -0.1}], []):  # only whitespace; no log-probs at all
+        read = grade_probs_from_top_logprobs(nothing)
+        assert read == (None, 0.0, None)
+        assert "nothing but whitespace" in grade_failure(read, ("0", "1", "2"), 0.5)
 
 
 def test_aggregation_mean_and_weights():
@@ -151,6 +171,9 @@ def test_llm_teacher_labels_and_aggregates():
     assert lab.tokens == 15
     assert eng.calls == [("generate", 3), ("top_logprobs", 3)]
     assert lab.teacher_id.startswith("test:scripted@mpcot-v1")
+    # the scripted log-probs sum to a little over 1 (e^-0.1 + e^-2.5 + e^-4): the mass is capped at 1
+    assert [p.mass for p in lab.perspectives] == [1.0] * 3
+    assert lab.confidence == 1.0 and lab.grade is None and lab.failed_perspectives == ()
 
 
 def test_empty_rationale_unreadable_grade_and_engine_error_are_failures():
@@ -171,11 +194,78 @@ def test_empty_rationale_unreadable_grade_and_engine_error_are_failures():
     assert eng.calls[1] == ("top_logprobs", 3 + 3)
 
 
-def test_a_failing_perspective_fails_the_pair_not_a_partial_label():
+def test_a_failing_perspective_is_carried_along_and_the_others_make_the_label():
     eng = ScriptedEngine(texts={}, tops={"store rules": "malformed response from the server: no 'choices' list"})
     [res] = LLMTeacher(engine=eng, backend="test").label([PAIR])
+    assert isinstance(res, Label)
+    assert [p.name for p in res.perspectives] == ["user_intent", "attributes"]
+    [failed] = res.failed_perspectives
+    assert failed.name == "business_rules" and "malformed" in failed.reason
+
+
+# shopper's intent / Compare attributes / store rules: a substring of each perspective's prompt
+SURE_2 = [{" ": -0.01}, {"2": math.log(0.9), "1": math.log(0.05), "The": math.log(0.05)}]
+UNSURE = [{"The": math.log(0.9), "2": math.log(0.02), "1": math.log(0.01), "A": math.log(0.07)}]
+
+
+def test_a_perspective_below_the_mass_minimum_is_a_failure_with_its_reason():
+    eng = ScriptedEngine({}, {"shopper's intent": SURE_2, "Compare attributes": [{"0": math.log(0.6), "1": math.log(0.2), "x": math.log(0.2)}], "store rules": UNSURE})
+    [lab] = LLMTeacher(engine=eng, backend="test", min_mass=0.5).label([PAIR])
+    assert isinstance(lab, Label)
+    assert [p.name for p in lab.perspectives] == ["user_intent", "attributes"]
+    assert [p.mass for p in lab.perspectives] == pytest.approx([0.95, 0.8])
+    assert lab.confidence == pytest.approx((0.95 + 0.8) / 2)
+    # the label is the mean of the two usable perspectives only: the unsure one adds nothing
+    assert lab.probs == pytest.approx(((0 + 0.75) / 2, (0.05 / 0.95 + 0.25) / 2, (0.9 / 0.95 + 0) / 2))
+    [failed] = lab.failed_perspectives
+    assert failed.name == "business_rules"
+    assert failed.reason == "grade-token mass 0.03 < BROADFAST_TEACHER_MIN_MASS 0.5; the most likely token was 'The'"
+
+    # with no minimum, the same read is a (renormalised) label of all three
+    [lab0] = LLMTeacher(engine=eng, backend="test", min_mass=0.0).label([PAIR])
+    assert len(lab0.perspectives) == 3 and lab0.failed_perspectives == ()
+    assert lab0.perspectives[2].mass == pytest.approx(0.03) and lab0.perspectives[2].probs == pytest.approx((0.0, 1 / 3, 2 / 3))
+
+
+def test_when_every_perspective_is_below_the_mass_minimum_the_pair_fails():
+    eng = ScriptedEngine({}, {"Query: ": UNSURE})  # the shared prefix: every prompt
+    [res] = LLMTeacher(engine=eng, backend="test", min_mass=0.5).label([PAIR])
     assert isinstance(res, LabelFailure)
-    assert res.reason.startswith("business_rules:") and "malformed" in res.reason
+    parts = res.reason.split("; ")
+    assert [p.split(":")[0] for p in parts[::2]] == list(PERSPECTIVES)
+    assert res.reason.count("grade-token mass 0.03 < BROADFAST_TEACHER_MIN_MASS 0.5") == 3 and "'The'" in res.reason
+
+
+def test_a_label_left_with_only_zero_weight_perspectives_fails():
+    eng = ScriptedEngine({}, {"shopper's intent": UNSURE, "Compare attributes": UNSURE})
+    [res] = LLMTeacher(engine=eng, backend="test", weights={"business_rules": 0.0}).label([PAIR])
+    assert isinstance(res, LabelFailure) and "weight 0" in res.reason and res.reason.startswith("user_intent: grade-token mass")
+
+
+def test_min_mass_must_be_a_share():
+    with pytest.raises(ValueError, match="min_mass"):
+        LLMTeacher(engine=ScriptedEngine({}, {}), backend="test", min_mass=1.5)
+
+
+def test_make_teacher_takes_the_mass_minimum_from_the_settings(monkeypatch):
+    from broadfast.settings import Settings
+    from training.teacher import mpcot
+
+    class FakeEngine:
+        model_name = "fake"
+
+        @classmethod
+        def from_settings(cls, settings):
+            return cls()
+
+    import training.teacher.hf_backend as hf
+
+    monkeypatch.setattr(hf, "TransformersEngine", FakeEngine)
+    teacher = mpcot.make_teacher(Settings(teacher_min_mass=0.25), backend="transformers")
+    assert teacher.min_mass == 0.25
+    assert Settings().teacher_min_mass == 0.5
+    with pytest.raises(ValueError):
+        Settings(teacher_min_mass=1.2)
 
 
 def test_weights_from_settings_change_the_aggregate():
@@ -185,3 +275,18 @@ def test_weights_from_settings_change_the_aggregate():
     weighted = LLMTeacher(engine=eng, backend="test", weights={"business_rules": 2.0}).label([PAIR])[0]
     assert mean.probs == pytest.approx((1 / 3, 1 / 3, 1 / 3))
     assert weighted.probs == pytest.approx((0.25, 0.25, 0.5))
+
+
+def test_mass_confidence_and_failures_travel_in_the_event():
+    import numpy as np
+
+    from streams.events import decode, encode
+    from training.teacher.labels import to_event
+
+    eng = ScriptedEngine({}, {"shopper's intent": SURE_2, "Compare attributes": [{"0": math.log(0.6), "1": math.log(0.2), "x": math.log(0.2)}], "store rules": UNSURE})
+    [lab] = LLMTeacher(engine=eng, backend="test", min_mass=0.5).label([PAIR])
+    event = decode("labels", encode(to_event(lab, np.zeros((2, 384)))))
+    assert [(p.name, p.mass) for p in event.perspectives] == [("user_intent", pytest.approx(0.95)), ("attributes", pytest.approx(0.8))]
+    assert event.confidence == pytest.approx(0.875) and event.grade is None
+    assert [(f.name, f.reason) for f in event.failed_perspectives] == [("business_rules", lab.failed_perspectives[0].reason)]
+    assert event.probs == pytest.approx(lab.probs) and len(event.rationale_embeddings) == 2

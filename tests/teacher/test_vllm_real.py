@@ -56,17 +56,21 @@ def test_real_hard_cases_are_labelled_through_a_real_vllm_server(vllm_url, bus_s
     engine = VLLMEngine(vllm_url, SERVED_NAME, concurrency=4, timeout_s=120, retries=1)
     teacher = LLMTeacher(engine=engine, backend="vllm", max_tokens=32)
     worker = run_worker(settings, teacher, expect=3)
-    # A 135M model may fail to write a rationale; a failure is a dead letter, never a label.
+    # A 135M model may fail to write a rationale or be unsure of its grade (mass below
+    # BROADFAST_TEACHER_MIN_MASS); a pair with no usable perspective is a dead letter, never a label.
     assert worker.stats.consumed == 3 and worker.stats.labelled + worker.stats.failed == 3
     assert worker.stats.labelled >= 1, "the real server labelled nothing"
     labels = [decode("labels", r.value) for r in read_topic(settings, "labels", expect=worker.stats.labelled)]
     assert len(labels) == worker.stats.labelled
     for lab in labels:
         assert lab.teacher_id.startswith(f"vllm:{SERVED_NAME}@mpcot-v1")
-        assert len(lab.perspectives) == 3 and all(p.rationale.strip() for p in lab.perspectives)
-        assert np.array(lab.rationale_embeddings).shape == (3, 384)
-        # soft labels from real log-probs: not one-hot, sums to one
+        assert len(lab.perspectives) + len(lab.failed_perspectives) == 3 and all(p.rationale.strip() for p in lab.perspectives)
+        assert all(f.reason for f in lab.failed_perspectives)
+        assert np.array(lab.rationale_embeddings).shape == (len(lab.perspectives), 384)
+        # soft labels from real log-probs: not one-hot, sums to one; each used one sure enough
         assert all(max(p.probs) < 1.0 for p in lab.perspectives)
+        assert all(0.5 <= p.mass <= 1.0 for p in lab.perspectives)
+        assert lab.confidence == pytest.approx(float(np.mean([p.mass for p in lab.perspectives])))
     assert len(read_topic(settings, "deadletter", expect=worker.stats.failed, timeout_s=5)) == worker.stats.failed
 
 
@@ -85,7 +89,7 @@ def test_real_server_labels_batched_and_one_request_at_a_time(vllm_url) -> None:
         assert [r.pair.pair_id for r in res] == ["p0", "p1"]
         for r in res:
             if isinstance(r, Label):
-                assert len(r.perspectives) == 3 and all(p.rationale for p in r.perspectives)
+                assert len(r.perspectives) + len(r.failed_perspectives) == 3 and all(p.rationale for p in r.perspectives)
                 assert sum(r.probs) == pytest.approx(1.0, abs=1e-3) and r.tokens > 0
             else:
                 assert r.reason  # a failure says why

@@ -118,9 +118,47 @@ def test_registry_cli(reg_settings: Settings, model_dir: Path, monkeypatch: pyte
         version = json.loads(out.stdout)["version"]
         listed = runner.invoke(registry, ["list"])
         assert listed.exit_code == 0 and f"* {version}" in listed.stdout and "ndcg@10=0.9" in listed.stdout
-        shown = json.loads(runner.invoke(registry, ["show", version]).stdout)
+        shown = json.loads(runner.invoke(registry, ["show", version, "--json"]).stdout)
         assert shown["version"] == version and shown["champion"] is True and shown["metrics"] == {"ndcg@10": 0.9}
+        readable = runner.invoke(registry, ["show", version])
+        assert readable.exit_code == 0 and f"student {version}  (champion)" in readable.stdout and "ndcg@10=0.9" in readable.stdout
         bad = runner.invoke(registry, ["publish", str(model_dir), "--metrics", "{oops"])
         assert bad.exit_code != 0 and "not valid JSON" in str(bad.exception)
+    finally:
+        settings_module._cached.cache_clear()
+
+
+ORACLE = "oracle:human-relevance(homedepot/dev.parquet)"
+SMOL = "vllm:HuggingFaceTB/SmolLM2-135M-Instruct@mpcot-v1+rules-1a2b3c4d"
+
+
+def test_show_and_list_say_which_teachers_labelled_the_training_data(reg_settings: Settings, model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from training.commands import registry
+
+    reg = Registry(reg_settings)
+    plain = reg.publish(model_dir, announce=False)  # trained_on from training.json: no teachers recorded
+    taught = reg.publish(model_dir, parent=plain.version, announce=False, trained_on={"labels": 512, "teachers": {SMOL: 32, ORACLE: 480}})
+    assert reg.show(taught.version).trained_on["teachers"] == {SMOL: 32, ORACLE: 480}  # stored as given
+    for key, value in reg_settings.public_env().items():
+        monkeypatch.setenv(key, value)
+    settings_module._cached.cache_clear()
+    try:
+        runner = CliRunner()
+        shown = runner.invoke(registry, ["show", taught.version])
+        assert shown.exit_code == 0, shown.output + repr(shown.exception)
+        lines = shown.stdout.splitlines()
+        # one line per teacher, most labels first: count, share, the full id, what kind of teacher it is
+        [head] = [i for i, line in enumerate(lines) if line.startswith("teachers")]
+        assert "2 teacher(s), 512 label(s)" in lines[head]
+        assert lines[head + 1].split() == ["480", "94", "%", ORACLE, "[simulated", "annotator", "(human", "judgements)]"]
+        assert lines[head + 2].split() == ["32", "6", "%", SMOL, "[model]"]
+        assert "labels=512" in shown.stdout and "parent" in shown.stdout and plain.version in shown.stdout
+
+        untaught = runner.invoke(registry, ["show", plain.version])
+        assert untaught.exit_code == 0 and "teachers" in untaught.stdout and "not recorded" in untaught.stdout
+
+        listed = runner.invoke(registry, ["list"]).stdout.splitlines()
+        assert "teachers=—" in listed[0]
+        assert "teachers=oracle:human-relevance(480),vllm:SmolLM2-135M-Instruct(32)" in listed[1]
     finally:
         settings_module._cached.cache_clear()

@@ -2,8 +2,11 @@
 
 ``label_file`` is ``broadfast label --data FILE --out FILE``: it labels a parquet file of pairs
 in batches with a progress bar and writes one row per labelled pair (the columns of
-:data:`LABEL_COLUMNS`, read by ``broadfast train offline --labels``). Pairs the teacher could
-not label are not written there: they go to ``<out stem>.failures.parquet`` with the reason.
+:data:`LABEL_COLUMNS`, read by ``broadfast train offline --labels``, then ``perspective_probs``,
+``perspective_mass``, ``confidence``, ``human_grade`` (the oracle's; -1 for a model) and
+``failed_perspectives`` ("name: reason" each; a label may be aggregated from fewer than all
+perspectives). Pairs the teacher could not label at all are not written there: they go to
+``<out stem>.failures.parquet`` with the reason.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from streams.events import HardCase, TeacherLabel, now, pair_id
+from streams.events import FailedPerspective, HardCase, Perspective, TeacherLabel, now, pair_id
 from training.teacher.errors import LabelDataError
 from training.teacher.mpcot import Label, LabelFailure, Pair, Teacher
 
@@ -34,6 +37,8 @@ LABEL_COLUMNS = (
     "rationale_embeddings",
     "teacher_id",
 )
+# Written after "rationales" too; not needed by `train offline --labels`.
+EXTRA_COLUMNS = ("perspective_probs", "perspective_mass", "confidence", "human_grade", "failed_perspectives")
 
 
 def pair_from_hardcase(hc: HardCase) -> Pair:
@@ -65,12 +70,15 @@ def to_event(label: Label, embeddings: np.ndarray, first_scored_ts: float | None
         ad_id=label.pair.ad_id,
         ad_title=label.pair.title,
         ad_text=label.pair.text,
-        perspectives=[{"name": p.name, "rationale": p.rationale, "probs": p.probs} for p in label.perspectives],
+        perspectives=[Perspective(name=p.name, rationale=p.rationale, probs=p.probs, mass=p.mass) for p in label.perspectives],
         probs=label.probs,
         rationale_embeddings=[[float(x) for x in row] for row in embeddings],
         teacher_id=label.teacher_id,
         ts=now(),
         first_scored_ts=first_scored_ts,
+        confidence=label.confidence,
+        grade=label.grade,
+        failed_perspectives=[FailedPerspective(name=f.name, reason=f.reason) for f in label.failed_perspectives],
     )
 
 
@@ -87,6 +95,10 @@ def label_rows(labels: Sequence[Label], embeddings: Sequence[np.ndarray]) -> lis
             "perspectives": [p.name for p in lab.perspectives],
             "rationales": [p.rationale for p in lab.perspectives],
             "perspective_probs": [list(p.probs) for p in lab.perspectives],
+            "perspective_mass": [float("nan") if p.mass is None else float(p.mass) for p in lab.perspectives],
+            "confidence": float("nan") if lab.confidence is None else float(lab.confidence),
+            "human_grade": -1 if lab.grade is None else int(lab.grade),
+            "failed_perspectives": [f"{f.name}: {f.reason}" for f in lab.failed_perspectives],
             "rationale_embeddings": [[float(x) for x in row] for row in emb],
             "teacher_id": lab.teacher_id,
         }
@@ -141,11 +153,14 @@ def label_file(
             bar.set_postfix(failed=len(failed))
     seconds = time.perf_counter() - t0
     out.parent.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(rows, columns=[*LABEL_COLUMNS[:9], "perspective_probs", *LABEL_COLUMNS[9:]]).to_parquet(out, index=False)
+    pd.DataFrame(rows, columns=[*LABEL_COLUMNS[:9], *EXTRA_COLUMNS, *LABEL_COLUMNS[9:]]).to_parquet(out, index=False)
     fpath = failures_path(out)
     if failed:
         pd.DataFrame(failed).to_parquet(fpath, index=False)
         log.warning("%d of %d pairs could not be labelled; reasons in %s", len(failed), len(pairs), fpath)
     elif fpath.exists():
         fpath.unlink()
-    return {"pairs": len(pairs), "labelled": len(rows), "failed": len(failed), "seconds": seconds, "tokens": tokens, "out": str(out)}
+    partial = sum(1 for r in rows if r["failed_perspectives"])
+    if partial:
+        log.warning("%d of %d labels were aggregated from fewer than all perspectives (see the failed_perspectives column)", partial, len(rows))
+    return {"pairs": len(pairs), "labelled": len(rows), "failed": len(failed), "partial": partial, "seconds": seconds, "tokens": tokens, "out": str(out)}

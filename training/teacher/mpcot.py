@@ -3,9 +3,14 @@
 A pair is judged from three perspectives (user intent, attribute matching, business rules).
 For each, the model writes a short rationale; then the grade cue (``"\\nGrade: "``) is
 appended and the grade is read from the log-probabilities of the next non-space token over
-``"0"``, ``"1"``, ``"2"`` — a soft label per perspective. Perspectives are aggregated by a
-weighted mean (equal weights by default). A missing rationale or a grade that cannot be read
-is a :class:`LabelFailure` with its reason, never an invented label.
+``"0"``, ``"1"``, ``"2"`` — a soft label per perspective, renormalised over the three, and
+their total probability there, the *grade-token mass* (how sure the model was that it was
+writing a grade at all). A perspective whose rationale is missing, whose engine call failed,
+whose grade cannot be read, or whose mass is below ``min_mass`` (BROADFAST_TEACHER_MIN_MASS)
+is a failure of that perspective, recorded with its reason, never an invented label. The pair's
+label is the weighted mean (equal weights by default) of the perspectives that gave a grade,
+with the failed ones carried along; its confidence is their mean mass. When every perspective
+fails, the pair is a :class:`LabelFailure` with all the reasons.
 
 The LLM backends (``vllm``, ``transformers``) implement one small contract, :class:`Engine`
 (generate rationales; top log-probs after a cue), and :class:`LLMTeacher` does the rest.
@@ -15,8 +20,9 @@ The LLM backends (``vllm``, ``transformers``) implement one small contract, :cla
 >>> prompts = t.render(p, rules_text="- none")
 >>> sorted(prompts) == sorted(PERSPECTIVES) and all(v.startswith(t.prefix(p)) for v in prompts.values())
 True
->>> grade_probs_from_top_logprobs([{" ": -0.1}, {"2": -0.2, "1": -1.9, "x": -3.0}], ("0", "1", "2"))[2] > 0.8
-True
+>>> read = grade_probs_from_top_logprobs([{" ": -0.1}, {"2": -0.2, "1": -1.9, "x": -3.0}], ("0", "1", "2"))
+>>> read.probs[2] > 0.8, round(read.mass, 2), read.top_token
+(True, 0.97, '2')
 >>> aggregate([(0.0, 0.5, 0.5), (0.0, 1.0, 0.0)])
 (0.0, 0.75, 0.25)
 """
@@ -31,7 +37,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import yaml
 
@@ -62,17 +68,31 @@ class PerspectiveLabel:
     name: str
     rationale: str
     probs: tuple[float, float, float]
+    mass: float | None = None  # grade-token mass at the grade position (None: not measured)
+
+
+@dataclass(frozen=True)
+class PerspectiveFailure:
+    """A perspective that gave no usable grade, and why."""
+
+    name: str
+    reason: str
 
 
 @dataclass(frozen=True)
 class Label:
-    """A teacher's label of one pair: one soft label per perspective and their aggregate."""
+    """A teacher's label of one pair: one soft label per perspective that gave one, their
+    aggregate, the perspectives that failed (with reasons), the mean grade-token mass of those
+    used (``confidence``) and, from an oracle only, the human ``grade``."""
 
     pair: Pair
     perspectives: tuple[PerspectiveLabel, ...]
     probs: tuple[float, float, float]
     teacher_id: str
     tokens: int = 0  # generated tokens (for throughput figures)
+    confidence: float | None = None
+    grade: int | None = None
+    failed_perspectives: tuple[PerspectiveFailure, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -198,15 +218,27 @@ def teacher_id_for(backend: str, model: str, template: Template, rules: Rules) -
 
 
 # -- grades and aggregation ----------------------------------------------------------------------
-def grade_probs_from_top_logprobs(
-    positions: Sequence[Mapping[str, float]], grade_tokens: Sequence[str] = ("0", "1", "2")
-) -> tuple[float, float, float] | None:
-    """Soft grade from the top log-probs of the positions after the grade cue.
+class GradeRead(NamedTuple):
+    """What the log-probs at the grade position say.
+
+    ``probs``: the three grade tokens' probabilities renormalised over them (None when none of
+    them is there: an unreadable grade). ``mass``: their total probability before renormalising,
+    in [0, 1] (0 when unreadable). ``top_token``: the most likely token at the grade position
+    (None when there is no grade position: nothing but whitespace, or no log-probs).
+    """
+
+    probs: tuple[float, float, float] | None
+    mass: float
+    top_token: str | None
+
+
+def grade_probs_from_top_logprobs(positions: Sequence[Mapping[str, float]], grade_tokens: Sequence[str] = ("0", "1", "2")) -> GradeRead:
+    """Soft grade and grade-token mass from the top log-probs of the positions after the grade cue.
 
     The first position whose most likely token is not whitespace is the grade position (small
     models often emit a lone space token before the digit). The three grade tokens' probabilities
-    there (matching after stripping spaces; missing ones count as 0) are renormalised. Returns
-    None when no grade token is among them: an unreadable grade.
+    there (matching after stripping spaces; missing ones count as 0) are summed into the mass and
+    renormalised into ``probs``. From a server's top-k only, the mass is a lower bound.
     """
     for top in positions:
         if not top:
@@ -214,15 +246,31 @@ def grade_probs_from_top_logprobs(
         best = max(top.items(), key=lambda kv: kv[1])[0]
         if best.strip() == "":
             continue
-        mass = [0.0, 0.0, 0.0]
+        per_grade = [0.0, 0.0, 0.0]
         for tok, lp in top.items():
             stripped = tok.strip()
             if stripped in grade_tokens and lp is not None and math.isfinite(lp):
-                mass[list(grade_tokens).index(stripped)] += math.exp(lp)
-        total = sum(mass)
+                per_grade[list(grade_tokens).index(stripped)] += math.exp(lp)
+        total = sum(per_grade)
         if total <= 0.0:
-            return None
-        return normalise(mass)
+            return GradeRead(None, 0.0, best)
+        return GradeRead(normalise(per_grade), min(1.0, total), best)
+    return GradeRead(None, 0.0, None)
+
+
+def grade_failure(read: GradeRead, grade_tokens: Sequence[str], min_mass: float) -> str | None:
+    """Why a grade read is not a usable grade, or None when it is.
+
+    >>> grade_failure(GradeRead((0.2, 0.3, 0.5), 0.03, "The"), ("0", "1", "2"), 0.5)
+    "grade-token mass 0.03 < BROADFAST_TEACHER_MIN_MASS 0.5; the most likely token was 'The'"
+    """
+    if read.probs is None:
+        if read.top_token is None:
+            return "unreadable grade: the model wrote nothing but whitespace after the grade cue"
+        return f"unreadable grade: none of {list(grade_tokens)} among the top log-probs after the rationale; the most likely token was {read.top_token!r}"
+    if read.mass < min_mass:
+        shown = next(f"{read.mass:.{d}g}" for d in (2, 4, 8, 17) if float(f"{read.mass:.{d}g}") < min_mass or d == 17)
+        return f"grade-token mass {shown} < BROADFAST_TEACHER_MIN_MASS {min_mass:g}; the most likely token was {read.top_token!r}"
     return None
 
 
@@ -291,6 +339,11 @@ class LLMTeacher:
     max_tokens: int = 48
     temperature: float = 0.0
     seed: int | None = None
+    min_mass: float = 0.5  # BROADFAST_TEACHER_MIN_MASS: least grade-token mass of a usable perspective
+
+    def __post_init__(self) -> None:
+        if not (0.0 <= self.min_mass <= 1.0):
+            raise ValueError(f"min_mass must be within [0, 1], got {self.min_mass!r}")
 
     @property
     def teacher_id(self) -> str:
@@ -314,26 +367,37 @@ class LLMTeacher:
             rationales.append(text)
         live = [i for i in range(len(prompts)) if i not in errors]
         tops = self.engine.top_logprobs([self.template.grade_prompt(prompts[i], rationales[i]) for i in live], positions=3, k=20, include=self.template.grade_tokens) if live else []
-        probs: dict[int, tuple[float, float, float]] = {}
+        reads: dict[int, GradeRead] = {}
         for i, top in zip(live, tops):
             if isinstance(top, str):
                 errors[i] = top
                 continue
-            p = grade_probs_from_top_logprobs(top, self.template.grade_tokens)
-            if p is None:
-                errors[i] = f"unreadable grade: none of {list(self.template.grade_tokens)} among the top log-probs after the rationale"
+            read = grade_probs_from_top_logprobs(top, self.template.grade_tokens)
+            why = grade_failure(read, self.template.grade_tokens, self.min_mass)
+            if why is not None:
+                errors[i] = why
             else:
-                probs[i] = p
-        w = [float((self.weights or {}).get(n, 1.0)) for n in names]
+                reads[i] = read
+        weight = {n: float((self.weights or {}).get(n, 1.0)) for n in names}
         out: list[Result] = []
         for j, pair in enumerate(pairs):
             idx = range(j * len(names), (j + 1) * len(names))
-            failed = [f"{names[i - j * len(names)]}: {errors[i]}" for i in idx if i in errors]
-            if failed:
-                out.append(LabelFailure(pair, "; ".join(failed)))
+            tokens = sum(gens[i].tokens for i in idx)
+            failed = tuple(PerspectiveFailure(names[i - j * len(names)], errors[i]) for i in idx if i in errors)
+            persp = tuple(
+                PerspectiveLabel(names[i - j * len(names)], rationales[i], reads[i].probs, reads[i].mass)  # type: ignore[arg-type]
+                for i in idx
+                if i not in errors
+            )
+            w = [weight[p.name] for p in persp]
+            if not persp or sum(w) <= 0.0:
+                reasons = [f"{f.name}: {f.reason}" for f in failed]
+                if persp:
+                    reasons.append(f"the perspectives that gave a grade ({', '.join(p.name for p in persp)}) all have weight 0")
+                out.append(LabelFailure(pair, "; ".join(reasons)))
                 continue
-            persp = tuple(PerspectiveLabel(names[i - j * len(names)], rationales[i], probs[i]) for i in idx)
-            out.append(Label(pair, persp, aggregate([p.probs for p in persp], w), self.teacher_id, tokens=sum(gens[i].tokens for i in idx)))
+            confidence = sum(p.mass for p in persp) / len(persp)  # type: ignore[misc]
+            out.append(Label(pair, persp, aggregate([p.probs for p in persp], w), self.teacher_id, tokens=tokens, confidence=confidence, failed_perspectives=failed))
         return out
 
 
@@ -365,4 +429,5 @@ def make_teacher(settings: Any, backend: str | None = None) -> Teacher:
         max_tokens=settings.teacher_max_tokens,
         temperature=settings.teacher_temperature,
         seed=settings.teacher_seed,
+        min_mass=settings.teacher_min_mass,
     )
