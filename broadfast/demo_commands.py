@@ -11,7 +11,11 @@ from broadfast.cli_support import command_settings
 
 @click.command()
 @click.option("--duration", type=click.FloatRange(min=1), default=300.0, show_default=True, help="Seconds of replayed traffic.")
-@click.option("--teacher", type=click.Choice(["transformers", "oracle", "vllm"]), default=None, help="Teacher backend [BROADFAST_TEACHER_BACKEND].")
+@click.option(
+    "--teacher", type=click.Choice(["oracle", "transformers", "vllm"]), default=None,
+    help="Teacher: oracle (simulated annotator with the human judgements; the default, so the student visibly learns), "
+    "transformers (local SmolLM2-135M) or vllm [BROADFAST_TEACHER_BACKEND; vllm when BROADFAST_TEACHER_URL is set].",
+)
 @click.option("--data", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Data set to replay [BROADFAST_DATA].")
 @click.option("--summary", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Also write the summary as JSON here.")
 @click.option("--rate", type=click.FloatRange(min=0.1), default=5.0, show_default=True, help="Search requests per second.")
@@ -25,18 +29,24 @@ def demo(duration: float, teacher: str | None, data: Path | None, summary: Path 
     \b
     Starts the embedded broker and Redis, a first student (the registry's champion, or
     one bootstrapped from a small human-labelled slice), the scoring API, the stream app,
-    the labeling worker (teacher: BROADFAST_TEACHER_BACKEND, the local transformers
-    model by default), the online trainer and the monitor; replays traffic from the data
+    the labeling worker, the online trainer and the monitor; replays traffic from the data
     set for --duration seconds with a live view of traffic, hard cases, labels, versions,
-    swaps, latency and teacher–student agreement; then writes a drift report, prints a
-    summary (JSON with --summary) and shuts everything down. Ctrl-C shuts down cleanly too.
+    swaps, latency, teacher–student agreement and each served version's validation
+    quality; then writes a drift report, prints a summary (JSON with --summary) and shuts
+    everything down. Ctrl-C shuts down cleanly too.
+
+    \b
+    Teacher: --teacher, else BROADFAST_TEACHER_BACKEND, else vllm when BROADFAST_TEACHER_URL
+    is set, else the oracle — a simulated annotator answering with the data set's human
+    judgements, so that the student visibly gets better. The local LLM (--teacher
+    transformers, SmolLM2-135M) is real but too small to carry relevance signal.
     State and logs go under $BROADFAST_HOME/demo.
     """
-    from broadfast.demo import DemoConfig, render_summary, run_demo
+    from broadfast.demo import DemoConfig, demo_teacher, render_summary, run_demo
 
     settings = command_settings(teacher_backend=teacher)
     config = DemoConfig(
-        duration_s=duration, teacher=settings.teacher_backend, data=data, summary=summary, rate=rate,
+        duration_s=duration, teacher=demo_teacher(teacher, settings), data=data, summary=summary, rate=rate,
         student=student, bootstrap_pairs=bootstrap_pairs, seed=seed, live=not no_live,
     )  # fmt: skip
     result = run_demo(settings, config)

@@ -31,8 +31,9 @@ import pandas as pd
 import torch
 
 from training.errors import CheckpointError
-from training.losses import LossConfig, lrkd_loss
-from training.student import Student, StudentConfig, ad_text, autocast, build_student, load_student, save_student
+from training.losses import LossConfig
+from training.step import set_lr, train_step
+from training.student import Student, StudentConfig, ad_text, build_student, load_student, save_student
 from training.targets import Targets
 
 log = logging.getLogger(__name__)
@@ -192,6 +193,7 @@ class TrainResult:
     history: list[dict[str, float]]
     resumed_from_step: int = 0
     epoch_metrics: list[dict[str, float]] = field(default_factory=list)
+    skipped_steps: int = 0  # non-finite loss or gradient: the weights did not move
 
 
 def _save_checkpoint(student: Student, opt: torch.optim.Optimizer, directory: Path, state: dict[str, Any]) -> None:
@@ -258,6 +260,7 @@ def train(student: Student, ts: TrainingSet, cfg: TrainConfig, out_dir: str | Pa
     last: dict[str, float] = {}
     pairs = 0
     hook_seconds = 0.0
+    skipped = 0
     t0 = time.perf_counter()
     student.train()
     done = step >= stop
@@ -270,20 +273,15 @@ def train(student: Student, ts: TrainingSet, cfg: TrainConfig, out_dir: str | Pa
         bar = tqdm(total=len(batches), initial=first, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=not cfg.progress, leave=False)
         for b in range(first, len(batches)):
             batch = to_device(ts, batches[b], device)
-            factor = lr_factor(step, total, cfg.warmup)
-            for group in opt.param_groups:
-                group["lr"] = group["base_lr"] * factor
-            with autocast(device):
-                out = student(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
-            loss, parts = lrkd_loss(out, batch["teacher_probs"], batch["grades"], batch["rationale"], batch["has_rationale"], cfg.loss)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
-            opt.step()
+            set_lr(opt, lr_factor(step, total, cfg.warmup))
+            parts = train_step(student, opt, batch, cfg.loss, cfg.grad_clip)
             step += 1
             pairs += len(batches[b])
-            last = parts
+            if parts is None:
+                skipped += 1
+                log.warning("step %d skipped: non-finite loss or gradient", step)
+                parts = {}
+            last = parts or last
             if step % 50 == 0 or step == 1:
                 history.append({"step": float(step), **parts})
             bar.update(1)
@@ -308,7 +306,7 @@ def train(student: Student, ts: TrainingSet, cfg: TrainConfig, out_dir: str | Pa
     seconds = time.perf_counter() - t0 - hook_seconds
     rate = pairs / seconds if seconds > 0 else 0.0
     log.info("trained %d steps (%d pairs) in %.1fs: %.1f pairs/s; last loss %s", step - resumed_from, pairs, seconds, rate, {k: round(v, 4) for k, v in last.items()})
-    return TrainResult(step, cfg.epochs, seconds, pairs, rate, last, history, resumed_from, epoch_metrics)
+    return TrainResult(step, cfg.epochs, seconds, pairs, rate, last, history, resumed_from, epoch_metrics, skipped)
 
 
 def train_offline_frame(
@@ -368,6 +366,7 @@ def train_offline_frame(
         "pairs_per_s": round(result.pairs_per_s, 2),
         "device": str(device),
         "last_loss": result.last,
+        "skipped_steps": result.skipped_steps,
         "history": result.history,
         "epoch_metrics": result.epoch_metrics,
         "metrics": {},

@@ -47,23 +47,35 @@ def soften(probs: torch.Tensor, temperature: float) -> torch.Tensor:
     return logp.softmax(-1)
 
 
-def kd_loss(logits: torch.Tensor, teacher_probs: torch.Tensor, temperature: float, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """T²·KL(teacher_T ‖ student_T), averaged over the rows in ``mask`` (all rows by default)."""
+def weighted_mean(per_row: torch.Tensor, weights: torch.Tensor | None, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean of ``per_row`` over the rows in ``mask``, each weighing ``weights`` (1 by default).
+
+    Zero (still attached to the graph) when no row is selected or every weight is 0.
+    """
+    w = torch.ones_like(per_row) if weights is None else weights.to(per_row.dtype)
+    if mask is not None:
+        w = w * mask.to(per_row.dtype)
+    total = w.sum()
+    if float(total) <= 0.0:
+        return per_row.sum() * 0.0
+    return (per_row * w).sum() / total
+
+
+def kd_loss(logits: torch.Tensor, teacher_probs: torch.Tensor, temperature: float, mask: torch.Tensor | None = None, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """T²·KL(teacher_T ‖ student_T), averaged over the rows in ``mask`` (all rows by default), weighted by ``weights``."""
     target = soften(teacher_probs.float(), temperature)
     logq = F.log_softmax(logits.float() / temperature, dim=-1)
     per_row = (target * (target.clamp(min=1e-8).log() - logq)).sum(-1)
-    if mask is not None:
-        if not mask.any():
-            return logits.sum() * 0.0
-        per_row = per_row[mask]
-    return per_row.mean() * temperature**2
+    return weighted_mean(per_row, weights, mask) * temperature**2
 
 
-def ce_loss(logits: torch.Tensor, grades: torch.Tensor) -> torch.Tensor:
+def ce_loss(logits: torch.Tensor, grades: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
     """Cross-entropy to human grades; rows with grade -1 are ignored (zero if none has one)."""
-    if not (grades >= 0).any():
+    has = grades >= 0
+    if not has.any():
         return logits.sum() * 0.0
-    return F.cross_entropy(logits.float(), grades, ignore_index=-1)
+    per_row = F.cross_entropy(logits.float(), grades.clamp(min=0), reduction="none")
+    return weighted_mean(per_row, weights, has)
 
 
 def align_loss(aligned: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, kind: str = "cosine") -> torch.Tensor:
@@ -89,13 +101,18 @@ def lrkd_loss(
     has_rationale: torch.Tensor | None,
     cfg: LossConfig,
     has_teacher: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """The total LRKD loss of a batch and its parts (as floats, for logging)."""
-    kd = kd_loss(out.logits, teacher_probs, cfg.temperature, has_teacher)
+    """The total LRKD loss of a batch and its parts (as floats, for logging).
+
+    ``weights`` (B,) weigh the rows of the KD and CE terms (e.g. the teacher's confidence);
+    all rows weigh 1 by default.
+    """
+    kd = kd_loss(out.logits, teacher_probs, cfg.temperature, has_teacher, weights)
     total = cfg.kd_weight * kd
     parts = {"kd": float(kd.detach())}
     if cfg.ce_weight > 0:
-        ce = ce_loss(out.logits, grades)
+        ce = ce_loss(out.logits, grades, weights)
         total = total + cfg.ce_weight * ce
         parts["ce"] = float(ce.detach())
     if cfg.align_weight > 0 and out.aligned is not None and rationale is not None and has_rationale is not None:

@@ -1,28 +1,31 @@
-"""Online distillation: learn continuously from ``relevance.labels`` and publish gated versions.
+"""Online distillation: the loop around the learner — labels in, gated versions out, checkpoints, commits.
 
+The learner (:mod:`training.learner`: learn from rows, predict) knows nothing of this loop.
 The loop, one *round* at a time:
 
-1. consume teacher labels into a replay buffer — the *fresh* labels not trained on yet,
-   and a reservoir (uniform reservoir sampling) of older ones, so old knowledge is
-   rehearsed and not forgotten;
-2. once ``online_round_labels`` fresh labels arrived (or ``online_round_wait_s`` passed
-   with at least one), take ``online_steps_per_round`` optimizer steps with the LRKD
-   losses; each batch mixes fresh labels with ``online_replay_fraction`` of reservoir ones;
-3. at most every ``online_publish_every_s``, evaluate the candidate on a fixed validation
-   slice and publish it to the registry (→ ``ModelPublished``, hot swap) only when it is
-   not worse than the live version by more than ``online_gate_tolerance``;
-4. checkpoint (weights, optimizer, buffer, consumed offsets) and only then commit the
-   label offsets: a label's offset is committed once it is inside a published or
-   checkpointed model.
+1. consume teacher labels (``relevance.labels``); labels of held-out queries are counted and
+   never trained on; the rest wait as *fresh* rows;
+2. once ``online_round_labels`` fresh labels arrived (or ``online_round_wait_s`` passed with
+   at least one), the learner trains on at most ``online_round_max_labels`` of them — each
+   ``online_passes`` times, mixed with replayed older labels — so the number of steps follows
+   the number of labels;
+3. at most every ``online_publish_every_s``, the candidate is measured on the fixed validation
+   slice and judged by the gate (:mod:`training.gate`) against the champion measured the same
+   way: it is published (→ ``ModelPublished``, hot swap) only when it is at least the best
+   champion's score minus ``online_gate_tolerance`` — so publishes never slide;
+4. a refused candidate is **not** the silent base of the next one: after
+   ``online_revert_after_refusals`` refusals in a row the learner goes back to the champion's
+   weights (with a fresh optimizer); the refused rounds' labels stay in the replay reservoir;
+5. checkpoint (weights, optimizer, buffer, offsets, gate state) and only then commit the label
+   offsets: a label's offset is committed once it is inside a published or checkpointed model.
+
+Every published version records what its weights were trained on: label offsets per
+partition, label and step counts, and ``teachers`` — labels per teacher id, over the whole
+lineage (a revert restores the champion's counts).
 
 Restart: the checkpoint is loaded and the consumer resumes at the committed offsets;
 records at or below the checkpoint's offsets are skipped (a crash between checkpoint
-and commit repeats nothing). What a crash loses is the round in progress: its labels
-are consumed again and at most one round (``online_steps_per_round`` steps) is redone.
-
-The validation slice is query-disjoint from training: queries of the data set whose
-hash falls in the first ``online_val_share`` are held out, and labels of those queries
-are never trained on (they are counted as ``held_out``).
+and commit repeats nothing). What a crash loses is the round in progress.
 """
 
 from __future__ import annotations
@@ -34,7 +37,8 @@ import shutil
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,10 +48,9 @@ import torch
 
 from broadfast.settings import Settings
 from streams.events import TeacherLabel, normalize_query
-from training.distill import make_optimizer, TrainConfig
-from training.losses import LossConfig, lrkd_loss
-from training.metrics import evaluate
-from training.student import Student, ad_text, autocast, load_student, pad_batch, save_student
+from training.gate import Gate, GateConfig, Measured
+from training.learner import LabelRow, LearnerConfig, OnlineLearner
+from training.student import Student, ad_text, load_student, save_student
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +58,7 @@ CHECKPOINT = "checkpoint"
 STATE_FILE = "online.json"
 OPTIMIZER_FILE = "optimizer.pt"
 BUFFER_FILE = "buffer.parquet"
+CHAMPION_PROBS_FILE = "champion_probs.npy"
 
 
 # -- the validation slice ---------------------------------------------------------------
@@ -79,81 +83,14 @@ def validation_slice(df: pd.DataFrame, share: float, max_pairs: int, seed: int =
     return held[held["query"].isin(picked)].reset_index(drop=True)
 
 
-def validate(student: Student, val: pd.DataFrame) -> dict[str, float]:
-    texts = [ad_text(t, d) for t, d in zip(val["title"], val["description"])]
-    return evaluate(val, student.predict_proba(val["query"].tolist(), texts, batch_size=64))
-
-
-# -- the replay buffer -------------------------------------------------------------------
-@dataclass
-class LabelRow:
-    pair_id: str
-    query: str
-    text: str
-    probs: list[float]
-    rationale: list[list[float]] | None
-    partition: int
-    offset: int
-    first_scored_ts: float | None = None
-
-
-@dataclass
-class ReplayBuffer:
-    """Fresh labels plus a uniform reservoir of older ones."""
-
-    capacity: int
-    seed: int = 0
-    fresh: list[LabelRow] = field(default_factory=list)
-    reservoir: list[LabelRow] = field(default_factory=list)
-    seen: int = 0
-
-    def __post_init__(self) -> None:
-        self.rng = np.random.default_rng(self.seed)
-
-    def add(self, row: LabelRow) -> None:
-        self.fresh.append(row)
-
-    def batch(self, size: int, replay_fraction: float) -> list[LabelRow]:
-        """Fresh labels first (all of them over a round), topped up with reservoir ones."""
-        n_old = min(len(self.reservoir), int(round(size * replay_fraction))) if self.reservoir else 0
-        n_new = min(len(self.fresh), size - n_old)
-        rows = [self.fresh[i] for i in self.rng.choice(len(self.fresh), n_new, replace=False)] if n_new else []
-        if n_old:
-            rows += [self.reservoir[i] for i in self.rng.choice(len(self.reservoir), n_old, replace=False)]
-        return rows
-
-    def retire_fresh(self) -> None:
-        """After a round: fresh labels join the reservoir (Algorithm R)."""
-        for row in self.fresh:
-            self.seen += 1
-            if len(self.reservoir) < self.capacity:
-                self.reservoir.append(row)
-            else:
-                j = int(self.rng.integers(0, self.seen))
-                if j < self.capacity:
-                    self.reservoir[j] = row
-        self.fresh = []
-
-    def to_frame(self) -> pd.DataFrame:
-        rows = [asdict(r) | {"fresh": True} for r in self.fresh] + [asdict(r) | {"fresh": False} for r in self.reservoir]
-        return pd.DataFrame(rows)
-
-    def load_frame(self, df: pd.DataFrame) -> None:
-        for rec in df.to_dict("records"):
-            fresh = bool(rec.pop("fresh"))
-            rat = rec.get("rationale")
-            rec["rationale"] = [list(map(float, r)) for r in rat] if rat is not None and len(rat) else None
-            rec["probs"] = [float(p) for p in rec["probs"]]
-            rec["first_scored_ts"] = None if pd.isna(rec.get("first_scored_ts")) else float(rec["first_scored_ts"])
-            (self.fresh if fresh else self.reservoir).append(LabelRow(**rec))
-
-
-def row_of(label: TeacherLabel, partition: int, offset: int, k: int, dim: int) -> LabelRow:
+def row_of(label: TeacherLabel, partition: int, offset: int) -> LabelRow:
+    """A label as the learner trains on it: soft probs, the grade where there is one, confidence as weight."""
     emb = label.rationale_embeddings
-    ok = emb is not None and len(emb) == k and all(len(v) == dim for v in emb)
     return LabelRow(
         pair_id=label.pair_id, query=label.query, text=ad_text(label.ad_title, label.ad_text), probs=list(label.probs),
-        rationale=[list(v) for v in emb] if ok else None, partition=partition, offset=offset, first_scored_ts=label.first_scored_ts,
+        rationale=[list(v) for v in emb] if emb is not None else None, partition=partition, offset=offset,
+        first_scored_ts=label.first_scored_ts, grade=label.grade if label.grade is not None else -1,
+        weight=label.confidence if label.confidence is not None else 1.0, teacher_id=label.teacher_id,
     )  # fmt: skip
 
 
@@ -164,62 +101,88 @@ class RoundResult:
     labels: int
     steps: int
     loss: dict[str, float]
+    skipped: int = 0
     published: str | None = None
     candidate: dict[str, float] | None = None
+    verdict: str | None = None
     refused: str | None = None
+    reverted_to: str | None = None
+    teachers: dict[str, int] = field(default_factory=dict)
 
 
 class OnlineTrainer:
-    """Trains a student from label rows; the Kafka loop around it is :func:`run_online`."""
+    """The loop's state around an :class:`OnlineLearner`: gate, publish, revert, checkpoint.
 
-    def __init__(self, settings: Settings, registry: Any, val: pd.DataFrame, *, device: str | None = None) -> None:
+    The Kafka side is :func:`run_online`; tests and benchmarks drive this class directly.
+    """
+
+    def __init__(self, settings: Settings, registry: Any, val: pd.DataFrame, *, device: str | None = None, learner_config: LearnerConfig | None = None) -> None:
         self.settings = settings
         self.registry = registry
-        self.val = val
-        self.device = torch.device(device or getattr(settings, "train_device", None) or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.gate = Gate(val, GateConfig.from_settings(settings))
+        self.device = torch.device(device or settings.train_device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.learner_config = learner_config or LearnerConfig.from_settings(settings)
         self.dir = settings.home / "trainer"
-        self.buffer = ReplayBuffer(settings.online_reservoir_size)
         self.offsets: dict[int, int] = {}  # next offset to read, per partition of the labels topic
         self.rounds = 0
-        self.steps = 0
         self.labels_trained = 0
         self.held_out = 0
+        self.refused = 0  # candidates refused in a row since the last publish or revert
         self.last_publish = 0.0
         self.live_version: str | None = None
-        self.live_metrics: dict[str, float] = {}
-        self.student: Student
-        self.opt: torch.optim.Optimizer
+        self.champion: Measured | None = None
+        self.best = float("-inf")  # high-water mark of the champions' gate metric on the slice
+        self.teachers: Counter[str] = Counter()  # labels per teacher inside the current weights
+        self.champion_teachers: Counter[str] = Counter()
+        self.learner: OnlineLearner
+
+    @property
+    def student(self) -> Student:
+        return self.learner.student
+
+    @property
+    def buffer(self) -> Any:
+        return self.learner.buffer
+
+    @property
+    def steps(self) -> int:
+        return self.learner.steps
+
+    @property
+    def live_metrics(self) -> dict[str, float]:
+        return self.champion.metrics if self.champion is not None else {}
 
     # -- start ---------------------------------------------------------------------------
     def start(self) -> None:
         """Resume from the checkpoint, else start from the registry's champion."""
         ckpt = self.dir / CHECKPOINT
         if (ckpt / STATE_FILE).exists():
-            state = json.loads((ckpt / STATE_FILE).read_text())
-            self.student = load_student(ckpt, self.device)
-            self._make_optimizer()
-            self.opt.load_state_dict(torch.load(ckpt / OPTIMIZER_FILE, weights_only=True, map_location=self.device))
-            if (ckpt / BUFFER_FILE).exists():
-                self.buffer.load_frame(pd.read_parquet(ckpt / BUFFER_FILE))
-            self.buffer.seen = int(state["seen"])
-            self.offsets = {int(p): int(o) for p, o in state["offsets"].items()}
-            self.rounds, self.steps = int(state["rounds"]), int(state["steps"])
-            self.labels_trained, self.held_out = int(state["labels_trained"]), int(state["held_out"])
-            self.live_version, self.live_metrics = state["live_version"], state["live_metrics"]
-            log.info("resumed from %s: round %d, step %d, %d labels trained, offsets %s", ckpt, self.rounds, self.steps, self.labels_trained, self.offsets)
+            self._resume(ckpt)
             return
-        self.student, manifest = self.registry.load(device=str(self.device))
+        student, manifest = self.registry.load(device=str(self.device))
+        self.learner = OnlineLearner(student, self.learner_config)
         self.live_version = manifest.version
-        self._make_optimizer()
-        self.live_metrics = validate(self.student, self.val)
-        log.info("starting from champion %s; validation %s", self.live_version, _fmt(self.live_metrics))
+        self.teachers = Counter((manifest.trained_on or {}).get("teachers") or {})
+        self.champion_teachers = Counter(self.teachers)
+        self.champion = self.gate.measure(student)
+        self.best = self.champion.value
+        log.info("starting from champion %s; validation %s", self.live_version, _fmt(self.champion.metrics))
 
-    def _make_optimizer(self) -> None:
-        # small steps on few labels: the new parts learn 3x faster than the encoder, not the offline 10x
-        cfg = TrainConfig(lr=self.settings.online_lr, head_lr=self.settings.online_lr * 3, loss=LossConfig())
-        self.opt = make_optimizer(self.student, cfg)
-        for group in self.opt.param_groups:
-            group["lr"] = group.get("base_lr", group["lr"])
+    def _resume(self, ckpt: Path) -> None:
+        state = json.loads((ckpt / STATE_FILE).read_text())
+        self.learner = OnlineLearner(load_student(ckpt, self.device), self.learner_config)
+        self.learner.opt.load_state_dict(torch.load(ckpt / OPTIMIZER_FILE, weights_only=True, map_location=self.device))
+        if (ckpt / BUFFER_FILE).exists():
+            self.buffer.load_frame(pd.read_parquet(ckpt / BUFFER_FILE))
+        self.buffer.seen = int(state["seen"])
+        self.learner.steps = int(state["steps"])
+        self.offsets = {int(p): int(o) for p, o in state["offsets"].items()}
+        self.rounds = int(state["rounds"])
+        self.labels_trained, self.held_out = int(state["labels_trained"]), int(state["held_out"])
+        self.live_version, self.best, self.refused = state["live_version"], float(state["best"]), int(state["refused"])
+        self.teachers, self.champion_teachers = Counter(state["teachers"]), Counter(state["champion_teachers"])
+        self.champion = self.gate.measure_probs(np.load(ckpt / CHAMPION_PROBS_FILE, allow_pickle=False))
+        log.info("resumed from %s: round %d, step %d, %d labels trained, offsets %s", ckpt, self.rounds, self.steps, self.labels_trained, self.offsets)
 
     # -- one round -----------------------------------------------------------------------
     def add(self, row: LabelRow) -> bool:
@@ -233,55 +196,34 @@ class OnlineTrainer:
         self.buffer.add(row)
         return True
 
-    def step(self, rows: list[LabelRow]) -> dict[str, float]:
-        cfg = self.student.config
-        enc = self.student.tokenize([r.query for r in rows], [r.text for r in rows])
-        batch = pad_batch(enc["input_ids"], enc["token_type_ids"], self.student.tokenizer.pad_token_id or 0, self.device)
-        probs = torch.tensor([r.probs for r in rows], dtype=torch.float32, device=self.device)
-        grades = torch.full((len(rows),), -1, dtype=torch.long, device=self.device)
-        has = torch.tensor([r.rationale is not None for r in rows], device=self.device)
-        rationale = torch.zeros((len(rows), cfg.n_perspectives, cfg.rationale_dim), device=self.device)
-        for i, r in enumerate(rows):
-            if r.rationale is not None:
-                rationale[i] = torch.tensor(r.rationale, dtype=torch.float32)
-        self.student.train()
-        with autocast(self.device):
-            out = self.student(**batch)
-        loss, parts = lrkd_loss(out, probs, grades, rationale, has, LossConfig())
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.student.parameters(), 1.0)
-        self.opt.step()
-        self.steps += 1
-        return parts
-
     def train_round(self) -> RoundResult:
+        """Train on the waiting fresh labels (at most ``online_round_max_labels``), then gate, publish and checkpoint."""
         s = self.settings
-        n_fresh = len(self.buffer.fresh)
-        parts: dict[str, float] = {}
-        for _ in range(s.online_steps_per_round):
-            rows = self.buffer.batch(s.online_batch_size, s.online_replay_fraction)
-            if rows:
-                parts = self.step(rows)
-        self.buffer.retire_fresh()
-        self.labels_trained += n_fresh
+        rows, self.buffer.fresh = self.buffer.fresh[: s.online_round_max_labels], self.buffer.fresh[s.online_round_max_labels :]
+        stats = self.learner.learn_many(rows)
+        self.labels_trained += stats.labels
+        self.teachers.update(stats.teachers)
         self.rounds += 1
-        result = RoundResult(self.rounds, n_fresh, s.online_steps_per_round, parts)
+        result = RoundResult(self.rounds, stats.labels, stats.steps, stats.loss, stats.skipped, teachers=stats.teachers)
+        if stats.skipped:
+            log.warning("round %d: %d of %d steps skipped (non-finite loss or gradient)", self.rounds, stats.skipped, stats.steps)
         if time.time() - self.last_publish >= s.online_publish_every_s:
             self._gate_and_publish(result)
         self.checkpoint()
         return result
 
     def _gate_and_publish(self, result: RoundResult) -> None:
+        assert self.champion is not None
         s = self.settings
-        metric = s.online_gate_metric
-        candidate = validate(self.student, self.val)
-        result.candidate = candidate
-        live = self.live_metrics.get(metric, float("-inf"))
-        cand = candidate.get(metric, float("nan"))
-        if not np.isfinite(cand) or cand < live - s.online_gate_tolerance:
-            result.refused = f"{metric} {cand:.4f} < live {live:.4f} - {s.online_gate_tolerance}"
-            log.info("round %d: candidate not published (%s)", self.rounds, result.refused)
+        candidate = self.gate.measure(self.student)
+        verdict = self.gate.judge(candidate, self.champion, self.best)
+        result.candidate, result.verdict = candidate.metrics, verdict.reason
+        if not verdict.publish:
+            self.refused += 1
+            result.refused = verdict.reason
+            log.info("round %d: candidate refused (%s)", self.rounds, verdict.reason)
+            if self.refused >= s.online_revert_after_refusals:
+                self._revert(result)
             return
         trained_on = {
             "topic": s.topic("labels"),
@@ -289,29 +231,48 @@ class OnlineTrainer:
             "labels": self.labels_trained,
             "held_out": self.held_out,
             "steps": self.steps,
+            "teachers": dict(sorted(self.teachers.items())),
+            "gate": verdict.reason,
+            "learner": {k: v for k, v in self.learner_config.to_dict().items() if k != "loss"},
         }
-        metrics = {f"val_{k}": v for k, v in candidate.items() if np.isfinite(v)}
+        metrics = {f"val_{k}": v for k, v in candidate.metrics.items() if np.isfinite(v)}
+        metrics |= {"gate_delta": verdict.delta, "gate_delta_lo": verdict.interval[0], "gate_delta_hi": verdict.interval[1], "gate_floor": verdict.floor}
         with tempfile.TemporaryDirectory(prefix="broadfast-online-") as tmp:
             folder = save_student(self.student, Path(tmp) / "model")
             manifest = self.registry.publish(folder, parent=self.live_version, metrics=metrics, trained_on=trained_on, champion=True)
-        log.info("round %d: published %s (parent %s): %s %.4f vs live %.4f", self.rounds, manifest.version, self.live_version, metric, cand, live)
-        self.live_version, self.live_metrics = manifest.version, candidate
+        log.info("round %d: published %s (parent %s): %s", self.rounds, manifest.version, self.live_version, verdict.reason)
+        self.live_version, self.champion = manifest.version, candidate
+        self.best = max(self.best, candidate.value)
+        self.champion_teachers = Counter(self.teachers)
+        self.refused = 0
         self.last_publish = time.time()
         result.published = manifest.version
 
+    def _revert(self, result: RoundResult) -> None:
+        """Back to the champion's weights, with a fresh optimizer; the schedule's clock goes on."""
+        student, _ = self.registry.load(self.live_version, device=str(self.device))
+        self.learner.reset(student)
+        self.teachers = Counter(self.champion_teachers)
+        log.info("round %d: reverted to champion %s after %d refused candidate(s); their labels stay in the replay reservoir", self.rounds, self.live_version, self.refused)
+        self.refused = 0
+        result.reverted_to = self.live_version
+
     def checkpoint(self) -> Path:
-        """Weights, optimizer, buffer and offsets, written aside then swapped in."""
+        """Weights, optimizer, buffer, offsets and gate state, written aside then swapped in."""
         ckpt = self.dir / CHECKPOINT
         tmp = self.dir / (CHECKPOINT + ".tmp")
         if tmp.exists():
             shutil.rmtree(tmp)
         save_student(self.student, tmp)
-        torch.save(self.opt.state_dict(), tmp / OPTIMIZER_FILE)
+        torch.save(self.learner.opt.state_dict(), tmp / OPTIMIZER_FILE)
         self.buffer.to_frame().to_parquet(tmp / BUFFER_FILE)
+        assert self.champion is not None
+        np.save(tmp / CHAMPION_PROBS_FILE, self.champion.probs, allow_pickle=False)
         state = {
             "offsets": self.offsets, "seen": self.buffer.seen, "rounds": self.rounds, "steps": self.steps,
-            "labels_trained": self.labels_trained, "held_out": self.held_out,
-            "live_version": self.live_version, "live_metrics": self.live_metrics, "ts": time.time(),
+            "labels_trained": self.labels_trained, "held_out": self.held_out, "live_version": self.live_version,
+            "live_metrics": self.live_metrics, "best": self.best, "refused": self.refused,
+            "teachers": dict(self.teachers), "champion_teachers": dict(self.champion_teachers), "ts": time.time(),
         }  # fmt: skip
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
         old = self.dir / (CHECKPOINT + ".old")
@@ -344,7 +305,6 @@ def run_online(settings: Settings, *, stop: threading.Event | None = None, max_r
     log.info("validation slice: %d pairs of %d held-out queries", len(val), val["query"].nunique())
     trainer = OnlineTrainer(settings, Registry(settings), val)
     trainer.start()
-    cfg = trainer.student.config
     topic = settings.topic("labels")
     consumer = make_consumer(settings, ["labels"], group_id="broadfast-trainer", max_poll_records=256)
     with EventBus(settings) as bus:
@@ -361,15 +321,15 @@ def run_online(settings: Settings, *, stop: threading.Event | None = None, max_r
                         letters.send(delivery.topic, delivery.partition, delivery.offset, "label carries no ad text: nothing to train on", label.model_dump_json())
                         trainer.offsets[delivery.partition] = delivery.offset + 1
                         continue
-                    if trainer.add(row_of(label, delivery.partition, delivery.offset, cfg.n_perspectives, cfg.rationale_dim)):
+                    if trainer.add(row_of(label, delivery.partition, delivery.offset)):
                         waiting_since = waiting_since or time.monotonic()
                 fresh = len(trainer.buffer.fresh)
                 due = fresh >= settings.online_round_labels or (fresh and waiting_since and time.monotonic() - waiting_since >= settings.online_round_wait_s)
                 if due:
                     result = trainer.train_round()
-                    waiting_since = None
+                    waiting_since = time.monotonic() if trainer.buffer.fresh else None
                     consumer.commit({TopicPartition(topic, p): OffsetAndMetadata(o, "", -1) for p, o in trainer.offsets.items()})
-                    log.info("round %d: %d labels, loss %s%s", result.round, result.labels, _fmt(result.loss), f", published {result.published}" if result.published else "")
+                    log.info("round %d: %d labels, %d steps, loss %s%s", result.round, result.labels, result.steps, _fmt(result.loss), f", published {result.published}" if result.published else "")
                     if max_rounds is not None and trainer.rounds >= max_rounds:
                         break
         finally:

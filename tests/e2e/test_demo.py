@@ -39,7 +39,6 @@ def test_demo_closes_the_loop(tmp_path: Path, shared_data: Path) -> None:
         # a fast loop: small rounds, publish whenever the gate allows, a generous gate
         "BROADFAST_ONLINE_ROUND_LABELS": "8",
         "BROADFAST_ONLINE_ROUND_WAIT_S": "2",
-        "BROADFAST_ONLINE_STEPS_PER_ROUND": "2",
         "BROADFAST_ONLINE_PUBLISH_EVERY_S": "5",
         "BROADFAST_ONLINE_GATE_TOLERANCE": "1.0",
         "BROADFAST_ONLINE_VAL_PAIRS": "60",
@@ -64,5 +63,12 @@ def test_demo_closes_the_loop(tmp_path: Path, shared_data: Path) -> None:
     assert summary["swaps"] >= 1 and len(summary["versions_served"]) >= 2
     assert summary["freshness_s"]["n"] > 0 and summary["freshness_s"]["p50"] is not None
     assert summary["drift_reports"] and all(Path(p).exists() for p in summary["drift_reports"])
+    quality = summary["quality"]  # each version's validation figures and the teachers behind them
+    assert quality["teacher"] == "oracle" and all(t.startswith("oracle:") for t in quality["teacher_ids"])
+    served = [v for v in quality["versions"] if v["served"]]
+    assert len(served) >= 2 and all(v["spearman"] is not None for v in served)
+    assert quality["first"]["version"] == summary["versions_served"][0]
+    assert any(any(t.startswith("oracle:") for t in v["teachers"]) for v in served[1:])
+    assert "student quality" in proc.stdout
     assert "freshness" in proc.stdout and "swaps" in proc.stdout
     assert processes_with_home(home) == [], "the demo left processes behind"

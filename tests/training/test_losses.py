@@ -78,3 +78,15 @@ def test_ablation_switches() -> None:
         out = student(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"])
         _, parts = lrkd_loss(out, teacher, grades, rationale, has, LossConfig(align_weight=align_weight))
         assert set(parts) == expected, (extractor, align_weight)
+
+
+def test_row_weights_weigh_the_kd_and_ce_terms() -> None:
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.0, 1.0, 3.0]])
+    teacher = torch.tensor([[0.1, 0.1, 0.8], [0.8, 0.1, 0.1]])
+    grades = torch.tensor([2, 0])
+    only_first = torch.tensor([1.0, 0.0])
+    assert kd_loss(logits, teacher, 2.0, weights=only_first).item() == pytest.approx(kd_loss(logits[:1], teacher[:1], 2.0).item())
+    assert ce_loss(logits, grades, only_first).item() == pytest.approx(ce_loss(logits[:1], grades[:1]).item())
+    half = torch.tensor([0.5, 0.5])
+    assert kd_loss(logits, teacher, 2.0, weights=half).item() == pytest.approx(kd_loss(logits, teacher, 2.0).item())
+    assert kd_loss(logits, teacher, 2.0, weights=torch.zeros(2)).item() == 0.0

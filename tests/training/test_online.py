@@ -12,8 +12,8 @@ from broadfast.settings import Settings
 from streams import events as ev
 from streams.bus import EventBus
 from tests.conftest import read_topic
-from training import online
-from training.online import LabelRow, ReplayBuffer, is_held_out, run_online, validation_slice
+from training.learner import LabelRow, ReplayBuffer
+from training.online import is_held_out, run_online, validation_slice
 
 
 def row(i: int) -> LabelRow:
@@ -31,17 +31,16 @@ def test_reservoir_keeps_a_bounded_uniform_sample() -> None:
     assert offsets.mean() == pytest.approx(500, abs=120)  # uniform over the stream, not the latest
 
 
-def test_batches_mix_fresh_and_replayed_labels() -> None:
+def test_schedule_repeats_every_fresh_label_once_per_pass_and_replay_draws_old_ones() -> None:
     buf = ReplayBuffer(capacity=100, seed=0)
-    for i in range(40):
-        buf.add(row(i))
-    buf.retire_fresh()
-    for i in range(40, 60):
-        buf.add(row(i))
-    batch = buf.batch(16, replay_fraction=0.5)
-    fresh = sum(r.offset >= 40 for r in batch)
-    assert len(batch) == 16 and fresh == 8
-    assert len(buf.batch(16, replay_fraction=0.0)) == 16
+    old = [row(i) for i in range(40)]
+    buf.retire(old)
+    fresh = [row(i) for i in range(40, 60)]
+    order = buf.schedule(fresh, passes=3)
+    assert sorted(r.offset for r in order) == sorted([r.offset for r in fresh] * 3)
+    assert sorted(r.offset for r in order[:20]) == [r.offset for r in fresh]  # each pass covers every fresh label
+    replayed = buf.replay(8)
+    assert len(replayed) == 8 and all(r.offset < 40 for r in replayed) and len({r.offset for r in replayed}) == 8
 
 
 def test_buffer_round_trips_through_a_frame() -> None:
@@ -101,7 +100,7 @@ def test_online_rounds_publish_commit_and_resume(bus_settings: Settings, tmp_pat
 
     data = tiny_data(tmp_path)
     settings = bus_settings.model_copy(update={
-        "home": tmp_path / "home", "online_round_labels": 20, "online_steps_per_round": 2, "online_batch_size": 8,
+        "home": tmp_path / "home", "online_round_labels": 20, "online_passes": 1, "online_batch_size": 10, "online_replay_fraction": 0.0,
         "online_publish_every_s": 0.0, "online_gate_tolerance": 1.0, "online_val_share": 0.3, "online_val_pairs": 30,
         "train_device": "cpu",
     })  # fmt: skip
@@ -112,7 +111,7 @@ def test_online_rounds_publish_commit_and_resume(bus_settings: Settings, tmp_pat
         for label in labels:
             bus.publish(label)
     trainer = run_online(settings, max_rounds=2, val_data=data)
-    assert trainer.rounds == 2 and trainer.steps == 4
+    assert trainer.rounds == 2 and trainer.steps == 4  # 20 labels a round, one pass, 10 a step: steps follow labels
     trained = trainer.labels_trained
     assert trained >= 40 and trainer.held_out > 0
     published = [ev.decode("models", r.value) for r in read_topic(settings, "models", expect=2)]
@@ -125,31 +124,70 @@ def test_online_rounds_publish_commit_and_resume(bus_settings: Settings, tmp_pat
     again = run_online(settings, max_rounds=1, val_data=data)
     assert again.rounds == 3 and again.steps == 6
     third = [ev.decode("models", r.value) for r in read_topic(settings, "models", expect=3)][-1]
+    assert third.trained_on["teachers"] == {"oracle@test": again.labels_trained}
     assert third.parent_version == published[-1].version and again.live_version == third.version
     seen = sum(again.offsets.values())
     assert again.labels_trained + again.held_out <= seen <= len(labels)
     assert again.labels_trained > trained
 
 
-def test_the_gate_refuses_a_worse_candidate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from training.student import StudentConfig, build_student
+@pytest.mark.integration
+@pytest.mark.parametrize("revert_after", [1, 2])
+def test_the_gate_on_refuses_worse_candidates_computed_for_real_and_never_slides(bus_settings: Settings, tmp_path: Path, revert_after: int) -> None:
+    """Twelve real rounds, gate on (tolerance 0.02, every round judged): good rounds and rounds of flipped labels.
 
-    published = []
+    Flipped labels make real, worse candidates; the gate must refuse them, say why, revert to the
+    champion, and no published version may fall below the first champion's score minus the tolerance.
+    """
+    import torch
 
-    class Registry:
-        def publish(self, *a, **k):
-            published.append(k)
-            raise AssertionError("must not publish")
+    from tests.training.test_learner import learnable_pairs, rows_of
+    from training.learner import LearnerConfig, OnlineLearner
+    from training.online import OnlineTrainer
+    from training.registry import Registry
+    from training.student import StudentConfig, build_student, save_student
 
-    settings = Settings(home=tmp_path, online_publish_every_s=0.0, online_gate_tolerance=0.01, train_device="cpu")
-    trainer = online.OnlineTrainer(settings, Registry(), pd.DataFrame())
-    trainer.student = build_student(StudentConfig.tiny())
-    trainer._make_optimizer()
-    trainer.live_version, trainer.live_metrics = "v0001", {"spearman": 0.50}
-    monkeypatch.setattr(online, "validate", lambda student, val: {"spearman": 0.40})
-    for i in range(5):
-        trainer.add(row(i))
-    result = trainer.train_round()
-    assert result.published is None and "0.4000 < live 0.5000" in (result.refused or "")
-    assert not published and trainer.live_version == "v0001"
-    assert (tmp_path / "trainer" / "checkpoint" / "online.json").exists()  # labels kept in a checkpoint
+    torch.manual_seed(0)
+    settings = bus_settings.model_copy(update={
+        "home": tmp_path / "home", "online_publish_every_s": 0.0, "online_gate_tolerance": 0.02, "online_gate_resamples": 100,
+        "online_revert_after_refusals": revert_after, "train_device": "cpu",
+    })  # fmt: skip
+    cfg = LearnerConfig(passes=2, batch_size=16, lr=3e-3, head_lr=3e-3, warmup_steps=5, seed=0)
+    warm = OnlineLearner(build_student(StudentConfig.tiny(extractor="none")), cfg)
+    warm.learn_many(rows_of(learnable_pairs(24, seed=2)))  # a first champion that already knows something
+    registry = Registry(settings)
+    registry.publish(save_student(warm.student, tmp_path / "v0"), champion=True, announce=False)
+
+    val = learnable_pairs(12, seed=1)
+    trainer = OnlineTrainer(settings, registry, val, learner_config=cfg)
+    trainer.start()
+    first = trainer.champion.value
+    stream = rows_of(learnable_pairs(120, seed=3))
+    results = []
+    for r in range(12):
+        rows = stream[r * 40 : (r + 1) * 40]
+        if r % 4 in (2, 3):  # poisoned rounds: every label says the opposite
+            rows = [LabelRow(x.pair_id, x.query, x.text, x.probs[::-1], grade=2 - x.grade, teacher_id="flipped") for x in rows]
+        for x in rows:
+            trainer.buffer.add(x)
+        results.append(trainer.train_round())
+        assert trainer.champion.value >= first - 0.02 - 1e-9
+    refused = [x for x in results if x.refused]
+    published = [x for x in results if x.published]
+    assert refused and published, [(x.round, x.verdict) for x in results]
+    in_a_row = 0
+    for x in results:
+        in_a_row = in_a_row + 1 if x.refused else 0
+        if x.refused:
+            assert "< floor" in x.refused and "interval" in x.refused
+        assert (x.reverted_to is not None) == (in_a_row == revert_after), (x.round, in_a_row, x.reverted_to)
+        if x.reverted_to is not None:
+            in_a_row = 0
+    assert any(x.reverted_to for x in results)
+    for x in published:
+        assert x.candidate["spearman"] >= first - 0.02 - 1e-9
+    versions = [m.version for m in registry.manifests()]
+    assert len(versions) == 1 + len(published)
+    last = registry.show(registry.champion())
+    assert last.metrics["val_spearman"] >= first - 0.02 - 1e-9
+    assert "flipped" not in last.trained_on["teachers"] or any(x.published and x.teachers.get("flipped") for x in results)

@@ -1,0 +1,236 @@
+"""The online learner: a small contract — learn from label rows, predict — and nothing of the loop.
+
+:class:`OnlineLearner` knows a student, an optimizer and a replay buffer. It does not know
+Kafka, the registry, the gate or checkpoints (that is :mod:`training.online`), so the
+benchmark and the tests drive exactly the code the live trainer runs.
+
+``learn_many(rows)`` trains on a batch of fresh labels:
+
+* every fresh label is trained on ``passes`` times (each pass a new shuffle of the fresh
+  rows), so the number of optimizer steps follows the number of labels —
+  ``ceil(passes × fresh / fresh-per-step)`` — instead of a fixed count per round;
+* each step's batch is ``batch_size`` rows: ``replay_fraction`` of them replayed from a
+  uniform reservoir of older labels (rehearsal, so old knowledge is not forgotten), the rest
+  fresh;
+* the loss is the offline recipe's (:func:`training.step.train_step`, shared with
+  :mod:`training.distill`): KD to the teacher's soft distribution, cross-entropy to the
+  grade where the label carries one (the oracle's human grade), rationale alignment where it
+  carries embeddings; rows weigh by the teacher's confidence (its grade-token mass) when
+  ``confidence_weighting`` is on;
+* the learning rate warms up over ``warmup_steps`` and then stays constant (or decays as
+  1/√step): a stream has no known end for a linear decay to aim at.
+
+>>> buf = ReplayBuffer(capacity=2, seed=0)
+>>> for i in range(3):
+...     buf.add(LabelRow(str(i), "q", "t", [0.1, 0.2, 0.7]))
+>>> buf.retire_fresh(); len(buf.reservoir), buf.seen
+(2, 3)
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from training.distill import TrainConfig, make_optimizer
+from training.losses import LossConfig
+from training.step import Schedule, lr_scale, set_lr, train_step
+from training.student import Student, pad_batch
+
+
+# -- what a label is, to the learner -----------------------------------------------------------
+@dataclass
+class LabelRow:
+    """One teacher label, as the learner trains on it (and where it came from, for the loop)."""
+
+    pair_id: str
+    query: str
+    text: str
+    probs: list[float]
+    rationale: list[list[float]] | None = None
+    partition: int = 0
+    offset: int = 0
+    first_scored_ts: float | None = None
+    grade: int = -1  # a human grade where the teacher has one (the oracle), else -1
+    weight: float = 1.0  # the teacher's confidence (grade-token mass), 1 when unknown
+    teacher_id: str = ""
+
+
+# -- the replay buffer ---------------------------------------------------------------------------
+@dataclass
+class ReplayBuffer:
+    """Fresh labels not trained on yet, plus a uniform reservoir (Algorithm R) of older ones."""
+
+    capacity: int
+    seed: int = 0
+    fresh: list[LabelRow] = field(default_factory=list)
+    reservoir: list[LabelRow] = field(default_factory=list)
+    seen: int = 0
+
+    def __post_init__(self) -> None:
+        self.rng = np.random.default_rng(self.seed)
+
+    def add(self, row: LabelRow) -> None:
+        self.fresh.append(row)
+
+    def replay(self, n: int) -> list[LabelRow]:
+        """``n`` reservoir rows drawn uniformly (fewer when the reservoir is smaller)."""
+        n = min(n, len(self.reservoir))
+        return [self.reservoir[i] for i in self.rng.choice(len(self.reservoir), n, replace=False)] if n else []
+
+    def schedule(self, rows: list[LabelRow], passes: int) -> list[LabelRow]:
+        """``rows`` repeated ``passes`` times, each pass in a new random order."""
+        order: list[LabelRow] = []
+        for _ in range(passes):
+            order += [rows[i] for i in self.rng.permutation(len(rows))]
+        return order
+
+    def retire(self, rows: list[LabelRow]) -> None:
+        """Trained rows join the reservoir (Algorithm R: every row ever retired is equally likely to be kept)."""
+        for row in rows:
+            self.seen += 1
+            if len(self.reservoir) < self.capacity:
+                self.reservoir.append(row)
+            else:
+                j = int(self.rng.integers(0, self.seen))
+                if j < self.capacity:
+                    self.reservoir[j] = row
+
+    def retire_fresh(self) -> None:
+        self.retire(self.fresh)
+        self.fresh = []
+
+    def to_frame(self) -> pd.DataFrame:
+        rows = [asdict(r) | {"fresh": True} for r in self.fresh] + [asdict(r) | {"fresh": False} for r in self.reservoir]
+        return pd.DataFrame(rows)
+
+    def load_frame(self, df: pd.DataFrame) -> None:
+        known = set(LabelRow.__dataclass_fields__)
+        for rec in df.to_dict("records"):
+            fresh = bool(rec.pop("fresh"))
+            rec = {k: v for k, v in rec.items() if k in known}
+            rat = rec.get("rationale")
+            rec["rationale"] = [list(map(float, r)) for r in rat] if rat is not None and len(rat) else None
+            rec["probs"] = [float(p) for p in rec["probs"]]
+            first = rec.get("first_scored_ts")
+            rec["first_scored_ts"] = None if first is None or pd.isna(first) else float(first)
+            (self.fresh if fresh else self.reservoir).append(LabelRow(**rec))
+
+
+# -- the learner ---------------------------------------------------------------------------------
+@dataclass
+class LearnerConfig:
+    """How the online learner trains (defaults chosen by ``benchmarks/online.py``; see docs/online.md)."""
+
+    passes: int = 2  # times each fresh label is trained on
+    batch_size: int = 32
+    replay_fraction: float = 0.25  # share of each batch replayed from the reservoir
+    reservoir_size: int = 5000
+    lr: float = 1e-4  # encoder; the offline recipe's
+    head_lr: float = 5e-4  # extractor, head, alignment projection
+    warmup_steps: int = 20
+    schedule: Schedule = "constant"
+    confidence_weighting: bool = True
+    grad_clip: float = 1.0
+    seed: int = 0
+    loss: LossConfig = field(default_factory=LossConfig)
+
+    @classmethod
+    def from_settings(cls, s: Any) -> LearnerConfig:
+        return cls(
+            passes=s.online_passes, batch_size=s.online_batch_size, replay_fraction=s.online_replay_fraction,
+            reservoir_size=s.online_reservoir_size, lr=s.online_lr, head_lr=s.online_lr * s.online_head_lr_ratio,
+            warmup_steps=s.online_warmup_steps, schedule=s.online_lr_schedule, confidence_weighting=s.online_confidence_weighting,
+        )  # fmt: skip
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class LearnStats:
+    """What one ``learn_many`` call did."""
+
+    labels: int
+    steps: int
+    skipped: int
+    loss: dict[str, float]
+    teachers: dict[str, int]
+
+
+class OnlineLearner:
+    """``learn_many(rows)`` / ``predict_proba(queries, texts)`` over a student."""
+
+    def __init__(self, student: Student, config: LearnerConfig | None = None) -> None:
+        self.config = config or LearnerConfig()
+        self.buffer = ReplayBuffer(self.config.reservoir_size, seed=self.config.seed)
+        self.steps = 0  # optimizer steps taken (the schedule's clock)
+        self.skipped = 0
+        self.reset(student)
+
+    def reset(self, student: Student, steps: int | None = None) -> None:
+        """Train ``student`` from now on, with a fresh optimizer (e.g. after a revert to the champion)."""
+        self.student = student
+        cfg = self.config
+        self.opt = make_optimizer(student, TrainConfig(lr=cfg.lr, head_lr=cfg.head_lr))
+        if steps is not None:
+            self.steps = steps
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.student.parameters()).device
+
+    # -- the contract --------------------------------------------------------------------------
+    def learn_one(self, row: LabelRow) -> LearnStats:
+        return self.learn_many([row])
+
+    def learn_many(self, rows: list[LabelRow]) -> LearnStats:
+        """Train on fresh ``rows`` (each ``passes`` times, mixed with replayed ones); then they join the reservoir."""
+        cfg = self.config
+        n_replay = int(round(cfg.batch_size * cfg.replay_fraction)) if self.buffer.reservoir else 0
+        n_fresh = max(1, cfg.batch_size - n_replay)
+        order = self.buffer.schedule(rows, cfg.passes)
+        steps = math.ceil(len(order) / n_fresh) if order else 0
+        parts: dict[str, float] = {}
+        skipped = 0
+        for k in range(steps):
+            batch_rows = order[k * n_fresh : (k + 1) * n_fresh] + self.buffer.replay(n_replay)
+            set_lr(self.opt, lr_scale(self.steps, cfg.warmup_steps, cfg.schedule))
+            out = train_step(self.student, self.opt, self.to_batch(batch_rows), cfg.loss, cfg.grad_clip)
+            self.steps += 1
+            if out is None:
+                skipped += 1
+            else:
+                parts = out
+        self.skipped += skipped
+        self.buffer.retire(rows)
+        return LearnStats(len(rows), steps, skipped, parts, dict(Counter(r.teacher_id for r in rows)))
+
+    def predict_proba(self, queries: list[str], texts: list[str], batch_size: int = 64) -> np.ndarray:
+        return self.student.predict_proba(queries, texts, batch_size=batch_size)
+
+    # -- rows to tensors -----------------------------------------------------------------------
+    def to_batch(self, rows: list[LabelRow]) -> dict[str, Any]:
+        s, device = self.student, self.device
+        k, dim = s.config.n_perspectives, s.config.rationale_dim
+        enc = s.tokenize([r.query for r in rows], [r.text for r in rows])
+        batch = pad_batch(enc["input_ids"], enc["token_type_ids"], s.tokenizer.pad_token_id or 0, device)
+        rationale = np.zeros((len(rows), k, dim), dtype=np.float32)
+        has = np.zeros(len(rows), dtype=bool)
+        for i, r in enumerate(rows):
+            if r.rationale is not None and len(r.rationale) == k and all(len(v) == dim for v in r.rationale):
+                rationale[i], has[i] = r.rationale, True
+        weights = [r.weight if self.config.confidence_weighting else 1.0 for r in rows]
+        return batch | {
+            "teacher_probs": torch.tensor([r.probs for r in rows], dtype=torch.float32, device=device),
+            "grades": torch.tensor([r.grade for r in rows], dtype=torch.long, device=device),
+            "rationale": torch.from_numpy(rationale).to(device),
+            "has_rationale": torch.from_numpy(has).to(device),
+            "weights": torch.tensor(weights, dtype=torch.float32, device=device),
+        }
