@@ -10,9 +10,9 @@ over the neighbouring grades with 0.1 smoothing, plus the human grade — what
    labels and the online learner (``training.learner.OnlineLearner``, the code ``broadfast train
    online`` runs) learns them with ``learn_many``:
    - *random*: uniformly from the window;
-   - *sampler*: the hardest for the arm's current student (``streams.sampler.hardness_score``,
-     the stream's own ranking), with ``--random-share`` of the budget drawn at random and at
-     most ``--per-query`` labels per query (diversity);
+   - *sampler*: the stream's own admission policy (``streams.sampler.admission_order`` over
+     ``hardness_score``): hardest first for the arm's current student, ``--explore-share`` of the
+     slots drawn at random, at most ``--per-query`` labels per query (the stream's defaults);
 3. **offline**: ``training.distill.train`` on the random arm's very labels, from the same weak
    start, for the same number of optimizer steps and batch size;
 4. everything is measured on a query-disjoint dev slice (``--dev-queries`` queries of dev).
@@ -41,7 +41,9 @@ import torch  # noqa: E402
 
 from benchmarks.common import invocation, markdown_table, write_result  # noqa: E402
 from streams.datasets import load_pairs  # noqa: E402
-from streams.sampler import hardness_score  # noqa: E402
+from broadfast.settings import Settings  # noqa: E402
+from streams.events import normalize_query  # noqa: E402
+from streams.sampler import admission_order, hardness_score  # noqa: E402
 from training.distill import TrainConfig, pair_texts, prepare, train, train_offline_frame  # noqa: E402
 from training.learner import LabelRow, LearnerConfig, OnlineLearner  # noqa: E402
 from training.metrics import evaluate  # noqa: E402
@@ -76,24 +78,12 @@ def evaluate_on(model: object, dev: pd.DataFrame) -> dict[str, float]:
     return evaluate(dev, model.predict_proba(queries, texts, batch_size=128))  # type: ignore[attr-defined]
 
 
-def pick_sampler(learner: OnlineLearner, window: pd.DataFrame, budget: int, random_share: float, per_query: int, rng: np.random.Generator) -> np.ndarray:
-    """Hardest first for the current student, a random share, at most ``per_query`` per query."""
+def pick_sampler(learner: OnlineLearner, window: pd.DataFrame, budget: int, args: argparse.Namespace, rng: np.random.Generator) -> np.ndarray:
+    """The stream's admission policy (``streams.sampler.admission_order``) over the window, scored by the arm's student."""
     queries, texts = pair_texts(window)
     probs = learner.predict_proba(queries, texts, batch_size=128)
-    n_random = int(round(budget * random_share))
-    order = np.argsort(-np.array([hardness_score(p) for p in probs]), kind="stable")
-    taken: list[int] = []
-    per: dict[str, int] = {}
-    for i in order:
-        if len(taken) >= budget - n_random:
-            break
-        q = queries[i]
-        if per.get(q, 0) < per_query:
-            taken.append(int(i))
-            per[q] = per.get(q, 0) + 1
-    rest = np.setdiff1d(np.arange(len(window)), taken)
-    taken += rng.choice(rest, size=min(len(rest), budget - len(taken)), replace=False).tolist()
-    return np.array(taken)
+    order, _ = admission_order([hardness_score(p) for p in probs], [normalize_query(q) for q in queries], args.explore_share, args.per_query, rng)
+    return np.array(order[:budget])
 
 
 def run_seed(seed: int, train_df: pd.DataFrame, dev_all: pd.DataFrame, args: argparse.Namespace, scale: tuple[float, float]) -> dict:
@@ -112,7 +102,7 @@ def run_seed(seed: int, train_df: pd.DataFrame, dev_all: pd.DataFrame, args: arg
     curves: dict[str, list[dict]] = {}
     labelled: dict[str, list[LabelRow]] = {}
     steps: dict[str, int] = {}
-    for arm in ("random", "sampler"):
+    for arm in args.arms.split(","):
         torch.manual_seed(seed)
         arm_rng = np.random.default_rng([seed, 7])
         learner = OnlineLearner(copy.deepcopy(weak), learner_cfg)
@@ -123,7 +113,7 @@ def run_seed(seed: int, train_df: pd.DataFrame, dev_all: pd.DataFrame, args: arg
             if arm == "random":
                 idx = arm_rng.choice(len(window), size=min(args.budget, len(window)), replace=False)
             else:
-                idx = pick_sampler(learner, window, args.budget, args.random_share, args.per_query, arm_rng)
+                idx = pick_sampler(learner, window, args.budget, args, arm_rng)
             rows = oracle_rows(window, idx, scale)
             learner.learn_many(rows)
             rows_all += rows
@@ -132,18 +122,19 @@ def run_seed(seed: int, train_df: pd.DataFrame, dev_all: pd.DataFrame, args: arg
             print(f"seed {seed} {arm:8s} round {r + 1}: {len(rows_all)} labels, {learner.steps} steps, spearman {metrics['spearman']:.4f}, ndcg@10 {metrics['ndcg@10']:.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
         curves[arm], labelled[arm], steps[arm] = curve, rows_all, learner.steps
 
-    # offline: the random arm's labels, same weak start, same number of steps of the same size
-    rows = labelled["random"]
+    # offline: the random arm's labels (or the only arm run), same weak start, same number of steps of the same size
+    base = "random" if "random" in labelled else next(iter(labelled))
+    rows = labelled[base]
     frame = pd.DataFrame({"query": [r.query for r in rows], "title": [r.text for r in rows], "description": ""})
     targets = Targets(np.array([r.probs for r in rows], dtype=np.float32), np.array([r.grade for r in rows], dtype=np.int64), None, np.zeros(len(rows), dtype=bool), "oracle")
     student = copy.deepcopy(weak)
     ts = prepare(student, frame, targets)
     n_batches = math.ceil(len(rows) / args.batch_size)
-    epochs = math.ceil(steps["random"] / n_batches)
+    epochs = math.ceil(steps[base] / n_batches)
     torch.manual_seed(seed)
-    train(student, ts, TrainConfig(epochs=epochs, batch_size=args.batch_size, lr=args.lr, head_lr=args.lr * 5, max_steps=steps["random"], checkpoint=False, progress=False, seed=seed, device="cpu"), f"/tmp/broadfast-online-bench/offline-{seed}", resume=False)
+    train(student, ts, TrainConfig(epochs=epochs, batch_size=args.batch_size, lr=args.lr, head_lr=args.lr * 5, max_steps=steps[base], checkpoint=False, progress=False, seed=seed, device="cpu"), f"/tmp/broadfast-online-bench/offline-{seed}", resume=False)
     offline = evaluate_on(student, dev)
-    print(f"seed {seed} offline: {len(rows)} labels, {steps['random']} steps ({epochs} epochs), spearman {offline['spearman']:.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    print(f"seed {seed} offline ({base} arm's labels): {len(rows)} labels, {steps[base]} steps ({epochs} epochs), spearman {offline['spearman']:.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
     return {"seed": seed, "start": start, "curves": curves, "steps": steps, "offline": offline, "dev_pairs": len(dev), "seconds": time.perf_counter() - t0}
 
 
@@ -172,8 +163,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--budget", type=int, default=500, help="oracle labels per round")
     parser.add_argument("--window", type=int, default=1500, help="traffic pairs per round the arms pick from")
-    parser.add_argument("--random-share", type=float, default=0.3, help="sampler arm: share of its budget drawn at random")
-    parser.add_argument("--per-query", type=int, default=3, help="sampler arm: most hardest-first labels per query per round")
+    parser.add_argument("--explore-share", type=float, default=Settings().stream_explore_share, help="sampler arm: share of slots drawn at random [BROADFAST_STREAM_EXPLORE_SHARE]")
+    parser.add_argument("--per-query", type=int, default=Settings().stream_per_query_cap, help="sampler arm: most labels per query per window [BROADFAST_STREAM_PER_QUERY_CAP]")
     parser.add_argument("--passes", type=int, default=LearnerConfig.passes)
     parser.add_argument("--batch-size", type=int, default=LearnerConfig.batch_size)
     parser.add_argument("--replay-fraction", type=float, default=LearnerConfig.replay_fraction)
@@ -183,6 +174,7 @@ def main() -> None:
     parser.add_argument("--dev-queries", type=int, default=200)
     parser.add_argument("--max-length", type=int, default=48)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--arms", default="random,sampler", help="which arms run (a pilot may skip the sampler: 'random')")
     parser.add_argument("--result", default="online", help="results file name under benchmarks/results/")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -192,6 +184,10 @@ def main() -> None:
     scale = (float(train_df["relevance"].min()), float(train_df["relevance"].max()))
     runs = [run_seed(int(s), train_df, dev_all, args, scale) for s in args.seeds.split(",")]
 
+    for r in runs:  # an arm left out (--arms) reads as "—"
+        for arm in ("random", "sampler"):
+            r["curves"].setdefault(arm, [{"labels": p["labels"], "spearman": float("nan"), "ndcg@10": float("nan")} for p in next(iter(r["curves"].values()))])
+            r["steps"].setdefault(arm, 0)
     headers = ["labels"] + [f"{arm} Spearman, seed {r['seed']}" for arm in ("random", "sampler") for r in runs]
     curve_rows = []
     for i in range(args.rounds + 1):
@@ -222,7 +218,8 @@ def main() -> None:
     n_labels = args.rounds * args.budget
     notes = (
         f"Per seed: weak start on {args.bootstrap} human-labelled pairs (1 epoch); {args.rounds} rounds × {args.budget} oracle labels = {n_labels:,} labels "
-        f"picked from windows of {args.window:,} traffic pairs of `{args.data}` (query-disjoint from the start); learner: {args.passes} passes per label, "
+        f"picked from windows of {args.window:,} traffic pairs of `{args.data}` (query-disjoint from the start; the sampler arm: hardest first, "
+        f"{args.explore_share:.0%} of slots random, at most {args.per_query} per query per window); learner: {args.passes} passes per label, "
         f"batch {args.batch_size} ({args.replay_fraction:.0%} replayed), lr {args.lr:g} ({args.schedule} after {args.warmup} warm-up steps); "
         f"dev: {args.dev_queries} queries of `{args.dev}` ({runs[0]['dev_pairs']:,} pairs for seed {runs[0]['seed']}). Student {args.student}, max length {args.max_length}, "
         f"{args.threads} threads. The oracle is a simulation (human judgements), not a model."

@@ -9,9 +9,8 @@ cases, labels, versions, swaps, latency and teacher–student agreement. At the 
 writes a drift report, prints a summary (and writes it as JSON with ``--summary``) and
 shuts everything down, leaving no process behind. Ctrl-C shuts down the same way.
 
-Freshness: for each label, the time from its pair's first scoring to the first response
-served by a model whose training included that label (a version whose
-``trained_on.offsets`` lie past the label's offset).
+The tally of the topics and the figures of the view and the summary are in
+:mod:`broadfast.demo_report`.
 """
 
 from __future__ import annotations
@@ -24,13 +23,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from broadfast.demo_report import TEACHER_MEANING, Tally, Watcher, budget_line, freshness, percentile, quality_line, quality_summary, version_quality
 from broadfast.errors import BroadfastError
 from broadfast.settings import Settings
 
@@ -96,132 +95,6 @@ class Component:
             return ""
 
 
-# -- what happened: a tally of the topics ---------------------------------------------------------
-@dataclass
-class Tally:
-    counts: Counter = field(default_factory=Counter)
-    version_first_ts: dict[str, float] = field(default_factory=dict)
-    server_latency_ms: list[float] = field(default_factory=list)
-    student_probs: dict[str, tuple[float, float, float]] = field(default_factory=dict)
-    agreement: list[bool] = field(default_factory=list)
-    perspectives: Counter = field(default_factory=Counter)
-    labels: list[tuple[int, int, float | None]] = field(default_factory=list)  # partition, offset, first_scored_ts
-    models: list[Any] = field(default_factory=list)
-    alerts: list[Any] = field(default_factory=list)
-    teacher_ids: Counter = field(default_factory=Counter)
-    quality: dict[str, dict[str, Any]] = field(default_factory=dict)  # version -> validation metrics, teachers
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-
-class Watcher(threading.Thread):
-    """Reads every topic from the start (its own consumer, no group) into a :class:`Tally`."""
-
-    TOPICS = ("scored", "hardcases", "labels", "models", "alerts", "deadletter")
-
-    def __init__(self, settings: Settings) -> None:
-        super().__init__(name="demo-watcher", daemon=True)
-        self.settings = settings
-        self.tally = Tally()
-        self.stop_event = threading.Event()
-
-    def run(self) -> None:
-        from kafka import KafkaConsumer
-
-        from broadfast.errors import EventValidationError
-        from streams.bus import short_name
-        from streams.events import decode
-
-        consumer = KafkaConsumer(*(self.settings.topic(t) for t in self.TOPICS), bootstrap_servers=self.settings.kafka_bootstrap, auto_offset_reset="earliest", enable_auto_commit=False, group_id=None)
-        try:
-            while not self.stop_event.is_set():
-                for tp, records in consumer.poll(timeout_ms=500, max_records=2000).items():
-                    topic = short_name(self.settings, tp.topic)
-                    for record in records:
-                        try:
-                            event = decode(topic, record.value, max_bytes=self.settings.max_event_bytes)
-                        except EventValidationError:
-                            continue
-                        self._count(topic, event, record.partition, record.offset)
-        finally:
-            consumer.close()
-
-    def _count(self, topic: str, event: Any, partition: int, offset: int) -> None:
-        t = self.tally
-        with t.lock:
-            t.counts[topic] += 1
-            if topic == "scored":
-                t.version_first_ts.setdefault(event.model_version, event.ts)
-                t.server_latency_ms.append(event.latency_ms)
-            elif topic == "hardcases":
-                t.student_probs[event.pair_id] = event.student_probs
-            elif topic == "labels":
-                t.labels.append((partition, offset, event.first_scored_ts))
-                t.teacher_ids[event.teacher_id] += 1
-                t.perspectives[len(event.perspectives)] += 1
-                student = t.student_probs.get(event.pair_id)
-                if student is not None:
-                    t.agreement.append(int(np.argmax(student)) == int(np.argmax(event.probs)))
-            elif topic == "models":
-                t.models.append(event)
-                t.quality[event.version] = version_quality(event.metrics, event.trained_on, event.ts)
-            elif topic == "alerts":
-                t.alerts.append(event)
-
-
-def version_quality(metrics: dict[str, float], trained_on: dict[str, Any], ts: float) -> dict[str, Any]:
-    """A version's validation figures (the online trainer's fixed slice) and the teachers of its labels."""
-    return {
-        "spearman": metrics.get("val_spearman"), "ndcg@10": metrics.get("val_ndcg@10"),
-        "teachers": dict((trained_on or {}).get("teachers") or {}), "published_ts": ts,
-    }  # fmt: skip
-
-
-def quality_summary(tally: Tally, teacher: str) -> dict[str, Any]:
-    """Each version's validation quality; the first, best and last *served* versions; the teachers."""
-    with tally.lock:
-        quality = {v: dict(q) for v, q in tally.quality.items()}
-        served = list(tally.version_first_ts)
-        teacher_ids = dict(tally.teacher_ids)
-    versions = [{"version": v, "served": v in served, **q} for v, q in sorted(quality.items(), key=lambda kv: kv[1]["published_ts"])]
-    scored = [v for v in versions if v["served"] and v["spearman"] is not None]
-    first = next((v for v in scored if v["version"] == served[0]), scored[0] if scored else None) if served else None
-    last = next((v for v in reversed(scored) if v["version"] == served[-1]), scored[-1] if scored else None) if served else None
-    best = max(scored, key=lambda v: v["spearman"]) if scored else None
-    gain = last["spearman"] - first["spearman"] if first and last else None
-    return {
-        "teacher": teacher, "teacher_ids": teacher_ids, "meaning": TEACHER_MEANING.get(teacher, ""),
-        "versions": versions, "first": first, "best": best, "last": last, "spearman_gain": gain,
-    }  # fmt: skip
-
-
-TEACHER_MEANING = {
-    "oracle": "a simulated annotator answering with the human relevance judgements of the data set — labels with real signal, "
-    "so the student should get better; it stands in for a strong LLM teacher on a GPU",
-    "transformers": "a tiny local LLM (SmolLM2-135M-Instruct) reasoning from three perspectives — real LLM labels, but a model "
-    "this small carries almost no relevance signal (Spearman ≈ 0 with human grades), so the student is not expected to improve",
-    "vllm": "the LLM behind BROADFAST_TEACHER_URL (vLLM's OpenAI API), reasoning from three perspectives — the student improves "
-    "as far as that model's labels carry signal",
-}
-
-
-def quality_line(q: dict[str, Any]) -> str:
-    """first → best → last served version, with validation Spearman / NDCG@10, and what the change means."""
-
-    def fig(v: dict[str, Any] | None) -> str:
-        if v is None:
-            return "—"
-        ndcg = v.get("ndcg@10")
-        return f"{v['version']} {v['spearman']:.3f} / {'—' if ndcg is None else f'{ndcg:.3f}'}"
-
-    if q["first"] is None:
-        return "— (no version with validation figures served yet)"
-    line = f"first {fig(q['first'])} · best {fig(q['best'])} · serving {fig(q['last'])}"
-    gain = q["spearman_gain"]
-    if gain is not None and q["last"]["version"] != q["first"]["version"]:
-        line += f" — {gain:+.3f} Spearman since the first: " + ("the student got better on queries it never trained on" if gain >= 0.05 else "no clear change yet (the slice's noise is a few hundredths)" if gain > -0.05 else "worse than the first")
-    return line
-
-
 def demo_teacher(flag: str | None, settings: Settings) -> str:
     """The demo's teacher: the flag; else BROADFAST_TEACHER_BACKEND when set; else vLLM when
     BROADFAST_TEACHER_URL is set; else the oracle, so that a new user's demo shows a student that learns."""
@@ -230,29 +103,6 @@ def demo_teacher(flag: str | None, settings: Settings) -> str:
     if "teacher_backend" in settings.model_fields_set:
         return settings.teacher_backend
     return "vllm" if settings.teacher_url else "oracle"
-
-
-def freshness(tally: Tally) -> list[float]:
-    """Seconds from a labelled pair's first scoring to the first response of a model trained on its label."""
-    served = []
-    for model in sorted(tally.models, key=lambda m: m.ts):
-        offsets = {int(p): int(o) for p, o in (model.trained_on.get("offsets") or {}).items()}
-        first = tally.version_first_ts.get(model.version)
-        if offsets and first is not None:
-            served.append((offsets, first))
-    out = []
-    for partition, offset, first_scored in tally.labels:
-        if first_scored is None:
-            continue
-        for offsets, first in served:
-            if offsets.get(partition, 0) > offset:
-                out.append(max(0.0, first - first_scored))
-                break
-    return out
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    return float(np.percentile(values, q)) if values else None
 
 
 # -- the demo ------------------------------------------------------------------------------------
@@ -273,11 +123,23 @@ class Demo:
 
         self.stack = EmbeddedStack(self.base.model_copy(update={"home": self.home}))
         state, _ = self.stack.up()
-        settings = self.base.model_copy(update={
+        defaults = {k: v for k, v in self.DEMO_DEFAULTS.items() if k not in self.base.model_fields_set}
+        settings = self.base.model_copy(update=defaults | {
             "home": self.home, "kafka_bootstrap": state.env["BROADFAST_KAFKA_BOOTSTRAP"], "kafka_flavor": "tansu",
             "redis_url": state.env["BROADFAST_REDIS_URL"],
         })  # fmt: skip
         return settings, dict(state.env)
+
+    def _forget_trainer_state(self) -> None:
+        """The embedded broker starts empty, so an earlier run's trainer checkpoint (label offsets of a
+        topic that no longer exists) would skip this run's first labels: start the trainer afresh. The
+        registry is kept, and its champion is this run's first student."""
+        import shutil
+
+        checkpoint = self.home / "trainer"
+        if checkpoint.exists():
+            log.info("removing the trainer state of an earlier demo run (%s): the embedded broker starts empty", checkpoint)
+            shutil.rmtree(checkpoint)
 
     def _data(self) -> Path:
         data = self.config.data or self.base.data
@@ -324,14 +186,18 @@ class Demo:
         manifest = registry.publish(out, champion=True, announce=False, metrics=metrics)
         return manifest.version, version_quality(manifest.metrics, manifest.trained_on, manifest.created_at)
 
-    # Demo defaults a user can override with the variable: publish at most every 10 s (freshness: a
-    # label waits for the next publish), and a monitoring round a minute.
-    DEMO_DEFAULTS = {"BROADFAST_ONLINE_PUBLISH_EVERY_S": "10", "BROADFAST_MONITOR_INTERVAL_S": "60"}
+    # Demo defaults a user can override with the variable:
+    # - publish at most every 10 s: a label waits for the next publish, so this bounds freshness;
+    # - admit at most 4 hard cases/s: on this 2-core machine the trainer (one core, two passes a
+    #   label, a quarter of each batch replayed) absorbs about that many; a faster teacher (the
+    #   oracle answers at once) would otherwise only lengthen its queue;
+    # - a monitoring round a minute.
+    DEMO_DEFAULTS: dict[str, Any] = {"online_publish_every_s": 10.0, "stream_budget_max_per_s": 4.0, "monitor_interval_s": 60.0}
 
     def _env(self, stack_env: dict[str, str], **extra: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("BROADFAST_")}
         env |= self.base.public_env() | stack_env
-        env |= {k: v for k, v in self.DEMO_DEFAULTS.items() if k not in os.environ}
+        env |= {f"BROADFAST_{k.upper()}": str(v) for k, v in self.DEMO_DEFAULTS.items() if k not in self.base.model_fields_set}
         env |= {"BROADFAST_HOME": str(self.home), "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
         if self.base.admin_token is not None:
             env["BROADFAST_ADMIN_TOKEN"] = self.base.admin_token.get_secret_value()
@@ -367,7 +233,9 @@ class Demo:
         self.logs.mkdir(parents=True, exist_ok=True)
         data = self._data()
         settings, stack_env = self._stack()
+        self.settings = settings
         try:
+            self._forget_trainer_state()
             first_version, first_quality = self._bootstrap_student(settings, data)
             port = free_port()
             url = f"http://127.0.0.1:{port}"
@@ -441,6 +309,19 @@ class Demo:
                 time.sleep(0.5)
                 live.update(self._view(watcher))
 
+    def _budget(self) -> dict[str, Any] | None:
+        """The labelling budget as the stream and the labelers share it in Redis (None when unreadable)."""
+        from streams.budget import budget_status
+
+        try:
+            if getattr(self, "_redis", None) is None:
+                import redis
+
+                self._redis = redis.Redis.from_url(self.settings.redis_url, socket_timeout=1)
+            return budget_status(self._redis, self.settings)
+        except Exception:  # noqa: BLE001 - the view must not die with Redis
+            return None
+
     def _view(self, watcher: Watcher) -> Any:
         from rich.table import Table
 
@@ -463,6 +344,7 @@ class Demo:
         if lat:
             table.add_row("scoring latency (server)", f"p50 {np.percentile(lat, 50):.1f} ms, p99 {np.percentile(lat, 99):.1f} ms")
         table.add_row("teacher–student agreement", f"{np.mean(agree):.0%} of {len(agree)}" if agree else "—")
+        table.add_row("labelling budget", budget_line(self._budget()))
         table.add_row("teacher", f"{self.config.teacher}: {TEACHER_MEANING.get(self.config.teacher, '')}")
         table.add_row("student quality (validation)", quality_line(quality_summary(t, self.config.teacher)))
         table.add_row("dead letters / alerts", f"{counts.get('deadletter', 0)} / {counts.get('alerts', 0)}")
@@ -486,7 +368,9 @@ class Demo:
             if component.name in died:
                 log.error("%s exited during the demo (%s); its log ends:\n%s", component.name, component.status(), component.tail(1500))
         stats = self.replay_stats
-        fresh = freshness(tally)
+        from training.online import is_held_out
+
+        fresh = freshness(tally, lambda q: is_held_out(q, self.settings.online_val_share))
         client_lat = list(stats.latencies_ms) if stats is not None else []
         summary = {
             "duration_s": self.config.duration_s,
@@ -504,10 +388,14 @@ class Demo:
             "serving_p50_ms": percentile(tally.server_latency_ms, 50),
             "client_p99_ms": percentile(client_lat, 99),
             "teacher_student_agreement": float(np.mean(tally.agreement)) if tally.agreement else None,
-            "freshness_s": {"p50": percentile(fresh, 50), "p90": percentile(fresh, 90), "n": len(fresh)},
+            "freshness_s": {
+                "p50": percentile([f for f, _ in fresh], 50), "p90": percentile([f for f, _ in fresh], 90), "n": len(fresh),
+                "to_label_p50": percentile([w for _, w in fresh], 50), "label_to_served_p50": percentile([f - w for f, w in fresh], 50),
+            },  # fmt: skip
             "dead_letters": tally.counts.get("deadletter", 0),
             "alerts": [a.kind for a in tally.alerts],
             "quality": quality_summary(tally, self.config.teacher),
+            "labelling": self._budget(),
             "drift_reports": reports,
             "components": {c.name: c.status() for c in self.components},
             "components_died": died,
@@ -527,32 +415,6 @@ class Demo:
         stack = getattr(self, "stack", None)
         if stack is not None:
             stack.down()
-
-
-def render_summary(summary: dict[str, Any]) -> str:
-    fresh = summary["freshness_s"]
-
-    def ms(v: float | None) -> str:
-        return "—" if v is None else f"{v:.1f} ms"
-
-    def sec(v: float | None) -> str:
-        return "—" if v is None else f"{v:.1f} s"
-
-    agreement = summary["teacher_student_agreement"]
-    lines = [
-        f"requests {summary['requests']:,} ({summary['failed_requests']} failed), pairs scored {summary['pairs_scored']:,}",
-        f"hard cases {summary['hard_cases']:,}, labels {summary['labels']:,} (perspectives per label: {summary['labels_by_perspectives'] or '—'})",
-        f"models published {summary['models_published']}, swaps {summary['swaps']} (versions served: {', '.join(summary['versions_served']) or '—'})",
-        f"serving latency p50 {ms(summary['serving_p50_ms'])}, p99 {ms(summary['serving_p99_ms'])}; client p99 {ms(summary['client_p99_ms'])}",
-        f"freshness p50 {sec(fresh['p50'])}, p90 {sec(fresh['p90'])} over {fresh['n']} labels",
-        f"teacher–student agreement {'—' if agreement is None else f'{agreement:.0%}'}; dead letters {summary['dead_letters']}; alerts {summary['alerts'] or 'none'}",
-        f"teacher {summary['quality']['teacher']} ({', '.join(f'{k}: {v}' for k, v in summary['quality']['teacher_ids'].items()) or 'no labels'}): {summary['quality']['meaning']}",
-        f"student quality (validation Spearman / NDCG@10 on held-out queries): {quality_line(summary['quality'])}",
-        f"drift reports: {', '.join(summary['drift_reports']) or 'none'}",
-        f"components at the end: {summary['components']}; logs in {summary['logs']}",
-        *([f"FAILED: {', '.join(summary['components_died'])} exited during the demo (see their logs)"] if summary["components_died"] else []),
-    ]
-    return "\n".join(lines)
 
 
 def run_demo(settings: Settings, config: DemoConfig) -> dict[str, Any]:

@@ -42,7 +42,8 @@ def demo(duration: float, teacher: str | None, data: Path | None, summary: Path 
     transformers, SmolLM2-135M) is real but too small to carry relevance signal.
     State and logs go under $BROADFAST_HOME/demo.
     """
-    from broadfast.demo import DemoConfig, demo_teacher, render_summary, run_demo
+    from broadfast.demo import DemoConfig, demo_teacher, run_demo
+    from broadfast.demo_report import render_summary
 
     settings = command_settings(teacher_backend=teacher)
     config = DemoConfig(

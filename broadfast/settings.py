@@ -96,7 +96,7 @@ class Settings(BaseSettings):
     teacher_backoff_s: float = Field(default=0.5, ge=0, description="First retry delay (seconds); doubles each retry.")
     teacher_local_batch: int = Field(default=8, ge=1, description="Prompts per forward batch of the transformers backend.")
     teacher_oracle_data: Path | None = Field(default=None, description="Human-graded pairs the oracle answers from. Default: BROADFAST_DATA.")
-    teacher_oracle_smoothing: float = Field(default=0.1, ge=0.0, le=1.0, description="Label smoothing of the oracle's one-hot grades.")
+    teacher_oracle_smoothing: float = Field(default=0.1, ge=0.0, le=1.0, description="Label smoothing of the oracle's soft labels (human relevance spread over neighbouring grades, or one-hot grades).")
     teacher_min_mass: float = Field(
         default=0.5,
         ge=0.0,
@@ -129,6 +129,8 @@ class Settings(BaseSettings):
     stream_max_queue_s: float = Field(
         default=20.0, gt=0, description="Backlog bound: nothing is admitted while hard cases admitted and not yet labelled reach rate × this many seconds (at least 1 case)."
     )
+    stream_explore_share: float = Field(default=0.3, ge=0, le=1, description="Labeling budget: share of a batch's admission slots that go to a hard case drawn at random rather than the hardest (keeps the labels representative).")
+    stream_per_query_cap: int = Field(default=3, ge=1, description="Labeling budget: most hard cases of one query admitted from one batch (diversity).")
     stream_dedup_ttl_s: int = Field(default=86_400, ge=1, description="A pair sent for labelling is not sent again within this many seconds.")
     stream_entropy_threshold: float = Field(default=0.9, ge=0, le=1, description="Uncertain when the grade distribution's entropy / log(3) is at least this.")
     stream_margin_threshold: float = Field(default=0.1, ge=0, le=1, description="Uncertain when the top two grade probabilities differ by at most this.")
@@ -193,14 +195,15 @@ class Settings(BaseSettings):
     online_lr: float = Field(default=1e-4, gt=0, description="Online trainer: encoder learning rate (the offline recipe's).")
     online_head_lr_ratio: float = Field(default=5.0, gt=0, description="Online trainer: learning rate of the extractor and head, as a multiple of the encoder's.")
     online_warmup_steps: int = Field(default=20, ge=0, description="Online trainer: linear learning-rate warm-up, in optimizer steps.")
-    online_lr_schedule: Literal["constant", "inverse_sqrt"] = Field(default="constant", description="Online trainer: learning rate after warm-up: constant, or decaying as 1/sqrt(step).")
+    online_lr_schedule: Literal["constant", "inverse_sqrt"] = Field(default="inverse_sqrt", description="Online trainer: learning rate after warm-up: decaying as 1/sqrt(step), or constant.")
+    online_lr_floor: float = Field(default=0.1, ge=0, le=1, description="Online trainer: the decaying learning rate never goes below this share of its peak (a learner that runs for days keeps learning).")
     online_confidence_weighting: bool = Field(default=True, description="Online trainer: weigh each label by the teacher's confidence (its grade-token mass).")
     online_val_pairs: int = Field(default=400, ge=10, description="Online trainer: pairs in the fixed validation slice.")
     online_val_share: float = Field(default=0.2, gt=0, lt=1, description="Online trainer: share of the data set's queries held out for validation (never trained on).")
     online_gate_metric: Literal["spearman", "ndcg@10", "macro_f1"] = Field(default="spearman", description="Online trainer: validation metric of the publish gate.")
-    online_gate_tolerance: float = Field(default=0.02, ge=0, description="Online trainer: publish when the candidate is at least the best champion's score minus this (so publishes never slide further).")
+    online_gate_tolerance: float = Field(default=0.03, ge=0, description="Online trainer: publish when the candidate is at least the best champion's score minus this (so publishes never slide further).")
     online_gate_resamples: int = Field(default=400, ge=0, description="Online trainer: bootstrap resamples of the validation queries for the interval each gate verdict reports.")
-    online_revert_after_refusals: int = Field(default=1, ge=1, description="Online trainer: refused candidates in a row after which training goes back to the champion's weights (1: at once).")
+    online_revert_after_refusals: int = Field(default=3, ge=1, description="Online trainer: refused candidates in a row after which training goes back to the champion's weights (1: at once; until then the refused candidate keeps training, to recover within the slice's noise).")
     online_publish_every_s: float = Field(default=15.0, ge=0, description="Online trainer: shortest time between two published versions.")
 
     # -- process -----------------------------------------------------------------------

@@ -50,12 +50,15 @@ False
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from broadfast.settings import Settings
 from streams.budget import LabelingBudget
@@ -170,6 +173,34 @@ def hardness_score(probs: Sequence[float], *, disagreement: float | None = None,
     return score
 
 
+def admission_order(hardness: Sequence[float], queries: Sequence[str], explore_share: float, per_query: int, rng: Any) -> tuple[list[int], list[int]]:
+    """The order in which a batch's candidates ask the budget, and those left out by the per-query cap.
+
+    Hardest first, except that each slot goes, with probability ``explore_share``, to a candidate
+    drawn at random from those left (uncertainty alone over-samples one region: a random share
+    keeps the labels representative); at most ``per_query`` candidates of one query (diversity:
+    the ads of one uncertain query tend to be uncertain together). ``rng`` is a
+    ``numpy.random.Generator``. Returns positions into the inputs.
+
+    >>> import numpy as np
+    >>> admission_order([0.1, 0.9, 0.5, 0.8], ["a", "a", "a", "b"], 0.0, 2, np.random.default_rng(0))
+    ([1, 3, 2], [0])
+    """
+    left = sorted(range(len(hardness)), key=lambda i: -hardness[i])  # stable: ties keep batch order
+    order: list[int] = []
+    capped: list[int] = []
+    taken: dict[str, int] = {}
+    while left:
+        pick = int(rng.integers(0, len(left))) if explore_share > 0 and rng.random() < explore_share else 0
+        i = left.pop(pick)
+        if taken.get(queries[i], 0) >= per_query:
+            capped.append(i)
+            continue
+        taken[queries[i]] = taken.get(queries[i], 0) + 1
+        order.append(i)
+    return order, capped
+
+
 # -- the sampler over Redis state -----------------------------------------------------------
 @dataclass(frozen=True)
 class Source:
@@ -192,6 +223,7 @@ class SamplerStats:
     duplicates: int = 0
     over_budget: int = 0  # fresh hard cases refused for want of a token
     backlog_full: int = 0  # fresh hard cases refused because the backlog was full
+    per_query_capped: int = 0  # fresh hard cases left out: their query had its share of the batch already
     labelled: int = 0
     rate: float = 0.0  # the budget's refill rate at the last admission (hard cases/s)
     rate_measured: bool = False  # whether that rate came from the labelers (else the starting rate)
@@ -360,20 +392,27 @@ class HardCaseSampler:
                 self.stats.replayed += 1
             else:
                 self.stats.duplicates += 1
-        # 4. the budget, hardest first: the `granted` hardest fresh claims are sent, the rest released.
+        # 4. the budget, hardest first (with a random share, at most a few per query): the first
+        #    `granted` fresh claims in that order are sent, the rest released.
         now = self.clock()
         granted = 0
         if fresh:
-            fresh.sort(key=lambda i: -hardness[i])  # stable: ties keep batch order
-            admission = self.budget.admit(now, [ids[i] for i in fresh])
-            granted = admission.granted
-            emit.update(fresh[:granted])
-            self.stats.over_budget += admission.no_token
-            self.stats.backlog_full += admission.no_room
-            self.stats.rate, self.stats.rate_measured = admission.rate, admission.measured is not None
-            self.stats.backlog, self.stats.backlog_limit = admission.backlog, admission.limit
-            if granted < len(fresh):
-                self.client.delete(*[claim_key(s, ids[i]) for i in fresh[granted:]])
+            rng = np.random.default_rng(int.from_bytes(hashlib.blake2b(batch[fresh[0]][1].marker().encode(), digest_size=8).digest(), "big"))
+            pos, capped = admission_order([hardness[i] for i in fresh], [queries[i] for i in fresh], s.stream_explore_share, s.stream_per_query_cap, rng)
+            release = [fresh[p] for p in capped]
+            fresh = [fresh[p] for p in pos]
+            self.stats.per_query_capped += len(capped)
+            if fresh:
+                admission = self.budget.admit(now, [ids[i] for i in fresh])
+                granted = admission.granted
+                emit.update(fresh[:granted])
+                self.stats.over_budget += admission.no_token
+                self.stats.backlog_full += admission.no_room
+                self.stats.rate, self.stats.rate_measured = admission.rate, admission.measured is not None
+                self.stats.backlog, self.stats.backlog_limit = admission.backlog, admission.limit
+                release += fresh[granted:]
+            if release:
+                self.client.delete(*[claim_key(s, ids[i]) for i in release])
         out = []
         for i, reasons in sorted(candidates, key=lambda c: -hardness[c[0]]):
             if i not in emit:

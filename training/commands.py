@@ -106,11 +106,14 @@ def train_online(max_rounds: int | None, val_data: Path | None) -> None:
     """Distil continuously from relevance.labels and publish gated versions.
 
     \b
-    Keeps a replay buffer (fresh labels + a reservoir of older ones), trains in small
-    rounds with the LRKD losses, and publishes a new version (ModelPublished → hot swap)
-    only when it is not worse than the live one on a fixed, query-disjoint validation
-    slice. Label offsets are committed once the labels are inside a published or
-    checkpointed model; a restart resumes from the checkpoint. See docs/online.md.
+    Trains in rounds: every fresh label BROADFAST_ONLINE_PASSES times, mixed with labels
+    replayed from a reservoir, with the offline recipe's losses (soft teacher
+    distribution, the grade where the label has one, weighted by the teacher's
+    confidence). Publishes a new version (ModelPublished → hot swap) only when, on a
+    fixed query-disjoint validation slice, it is at least the best champion's score minus
+    BROADFAST_ONLINE_GATE_TOLERANCE; every verdict gives its bootstrap interval. Label
+    offsets are committed once the labels are inside a published or checkpointed model;
+    a restart resumes from the checkpoint. See docs/online.md.
     """
     import signal
     import threading

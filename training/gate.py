@@ -27,6 +27,7 @@ False
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -79,6 +80,12 @@ class Gate:
         self.config = config or GateConfig()
         codes, self.queries = pd.factorize(self.val["query"])
         self._rows_of = [np.flatnonzero(codes == q) for q in range(len(self.queries))]
+        h = hashlib.blake2b(digest_size=8)
+        h.update(self.config.metric.encode())
+        for column in ("query", "title", "relevance"):
+            if column in self.val.columns:
+                h.update(pd.util.hash_pandas_object(self.val[column], index=False).to_numpy().tobytes())
+        self.fingerprint = h.hexdigest()  # the slice and the metric: scores measured on another are not comparable
 
     def measure_probs(self, probs: np.ndarray) -> Measured:
         metrics = evaluate(self.val, probs)
@@ -129,7 +136,8 @@ class Gate:
     def judge(self, candidate: Measured, champion: Measured, best: float) -> Verdict:
         """Publish when ``candidate ≥ best − tolerance`` (``best``: the high-water mark of champions' scores)."""
         cfg = self.config
-        best = max(best, champion.value) if np.isfinite(champion.value) else best
+        finite = [v for v in (best, champion.value) if np.isfinite(v)]
+        best = max(finite) if finite else float("-inf")  # a NaN score never switches the floor off
         floor = best - cfg.tolerance
         delta = candidate.value - champion.value
         lo, hi = self.interval(candidate, champion)

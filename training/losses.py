@@ -48,17 +48,18 @@ def soften(probs: torch.Tensor, temperature: float) -> torch.Tensor:
 
 
 def weighted_mean(per_row: torch.Tensor, weights: torch.Tensor | None, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean of ``per_row`` over the rows in ``mask``, each weighing ``weights`` (1 by default).
+    """Sum of ``weights × per_row`` over the rows in ``mask``, divided by the number of those rows.
 
-    Zero (still attached to the graph) when no row is selected or every weight is 0.
+    With weights in [0, 1] (the teacher's confidence) a batch of unsure labels takes a smaller
+    step than a batch of sure ones, not just a differently mixed one. Weights of 1 (the default)
+    give the plain mean. Zero (still attached to the graph) when no row is selected.
     """
     w = torch.ones_like(per_row) if weights is None else weights.to(per_row.dtype)
-    if mask is not None:
-        w = w * mask.to(per_row.dtype)
-    total = w.sum()
-    if float(total) <= 0.0:
+    selected = torch.ones_like(per_row) if mask is None else mask.to(per_row.dtype)
+    count = selected.sum()
+    if float(count) <= 0.0:
         return per_row.sum() * 0.0
-    return (per_row * w).sum() / total
+    return (per_row * w * selected).sum() / count
 
 
 def kd_loss(logits: torch.Tensor, teacher_probs: torch.Tensor, temperature: float, mask: torch.Tensor | None = None, weights: torch.Tensor | None = None) -> torch.Tensor:

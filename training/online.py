@@ -100,7 +100,7 @@ class RoundResult:
     round: int
     labels: int
     steps: int
-    loss: dict[str, float]
+    loss: dict[str, float]  # the round's last step
     skipped: int = 0
     published: str | None = None
     candidate: dict[str, float] | None = None
@@ -108,6 +108,40 @@ class RoundResult:
     refused: str | None = None
     reverted_to: str | None = None
     teachers: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class Lineage:
+    """What a set of weights was trained on: labels per teacher and, per partition of the labels
+    topic, the offset after the last label trained (a prefix: rounds take fresh labels in order)."""
+
+    teachers: Counter = field(default_factory=Counter)
+    offsets: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def labels(self) -> int:
+        return sum(self.teachers.values())
+
+    def add(self, rows: list[LabelRow]) -> None:
+        self.teachers.update(r.teacher_id for r in rows)
+        for r in rows:
+            self.offsets[r.partition] = max(self.offsets.get(r.partition, 0), r.offset + 1)
+
+    def copy(self) -> Lineage:
+        return Lineage(Counter(self.teachers), dict(self.offsets))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"teachers": dict(self.teachers), "offsets": {str(p): o for p, o in sorted(self.offsets.items())}}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Lineage:
+        return cls(Counter(d.get("teachers") or {}), {int(p): int(o) for p, o in (d.get("offsets") or {}).items()})
+
+
+def high_water(*values: float) -> float:
+    """The largest finite value (``-inf`` when none is): a NaN score never disables the gate's floor."""
+    finite = [v for v in values if np.isfinite(v)]
+    return max(finite) if finite else float("-inf")
 
 
 class OnlineTrainer:
@@ -123,17 +157,17 @@ class OnlineTrainer:
         self.device = torch.device(device or settings.train_device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.learner_config = learner_config or LearnerConfig.from_settings(settings)
         self.dir = settings.home / "trainer"
-        self.offsets: dict[int, int] = {}  # next offset to read, per partition of the labels topic
+        self.offsets: dict[int, int] = {}  # next offset to read, per partition of the labels topic (consumed, not all trained)
         self.rounds = 0
-        self.labels_trained = 0
+        self.labels_trained = 0  # fresh labels trained on by this trainer (refused and reverted rounds included)
         self.held_out = 0
         self.refused = 0  # candidates refused in a row since the last publish or revert
-        self.last_publish = 0.0
+        self.last_gate = 0.0
         self.live_version: str | None = None
         self.champion: Measured | None = None
         self.best = float("-inf")  # high-water mark of the champions' gate metric on the slice
-        self.teachers: Counter[str] = Counter()  # labels per teacher inside the current weights
-        self.champion_teachers: Counter[str] = Counter()
+        self.lineage = Lineage()  # what the current weights were trained on
+        self.champion_lineage = Lineage()
         self.learner: OnlineLearner
 
     @property
@@ -154,19 +188,26 @@ class OnlineTrainer:
 
     # -- start ---------------------------------------------------------------------------
     def start(self) -> None:
-        """Resume from the checkpoint, else start from the registry's champion."""
-        ckpt = self.dir / CHECKPOINT
-        if (ckpt / STATE_FILE).exists():
-            self._resume(ckpt)
-            return
+        """Resume from the checkpoint (or the one being replaced when a swap was cut short), else start from the registry's champion."""
+        for ckpt in (self.dir / CHECKPOINT, self.dir / (CHECKPOINT + ".old")):
+            if (ckpt / STATE_FILE).exists():
+                self._resume(ckpt)
+                return
         student, manifest = self.registry.load(device=str(self.device))
         self.learner = OnlineLearner(student, self.learner_config)
+        self._adopt_champion(manifest, student)
+
+    def _adopt_champion(self, manifest: Any, student: Student) -> None:
+        """Measure the registry's champion on the slice; keep the lineage's high-water mark when it was set on this slice."""
         self.live_version = manifest.version
-        self.teachers = Counter((manifest.trained_on or {}).get("teachers") or {})
-        self.champion_teachers = Counter(self.teachers)
+        trained_on = manifest.trained_on or {}
+        # teachers carry over from the lineage; offsets belong to the topic this trainer reads, so they start anew
+        self.lineage = Lineage(Counter(trained_on.get("teachers") or {}), {})
+        self.champion_lineage = self.lineage.copy()
         self.champion = self.gate.measure(student)
-        self.best = self.champion.value
-        log.info("starting from champion %s; validation %s", self.live_version, _fmt(self.champion.metrics))
+        same_slice = trained_on.get("gate_slice") == self.gate.fingerprint
+        self.best = high_water(self.champion.value, float(manifest.metrics.get("gate_best", float("nan"))) if same_slice else float("nan"))
+        log.info("starting from champion %s; validation %s; gate high-water mark %.4f", self.live_version, _fmt(self.champion.metrics), self.best)
 
     def _resume(self, ckpt: Path) -> None:
         state = json.loads((ckpt / STATE_FILE).read_text())
@@ -179,9 +220,18 @@ class OnlineTrainer:
         self.offsets = {int(p): int(o) for p, o in state["offsets"].items()}
         self.rounds = int(state["rounds"])
         self.labels_trained, self.held_out = int(state["labels_trained"]), int(state["held_out"])
-        self.live_version, self.best, self.refused = state["live_version"], float(state["best"]), int(state["refused"])
-        self.teachers, self.champion_teachers = Counter(state["teachers"]), Counter(state["champion_teachers"])
-        self.champion = self.gate.measure_probs(np.load(ckpt / CHAMPION_PROBS_FILE, allow_pickle=False))
+        self.live_version, self.refused = state["live_version"], int(state["refused"])
+        self.lineage, self.champion_lineage = Lineage.from_dict(state["lineage"]), Lineage.from_dict(state["champion_lineage"])
+        champion = self.registry.champion() if self.registry is not None else self.live_version
+        if state.get("gate_slice") == self.gate.fingerprint and champion == self.live_version:
+            self.champion = self.gate.measure_probs(np.load(ckpt / CHAMPION_PROBS_FILE, allow_pickle=False))
+            self.best = high_water(float(state["best"]))
+        else:  # another slice or metric, or the champion changed behind the checkpoint (a publish not yet checkpointed, a rollback)
+            log.warning("checkpoint %s: gate slice or champion changed (%s → %s): measuring the registry's champion again", ckpt, self.live_version, champion)
+            student, manifest = self.registry.load(champion, device=str(self.device))
+            lineage = self.lineage
+            self._adopt_champion(manifest, student)
+            self.lineage = lineage  # the weights being trained are the checkpoint's
         log.info("resumed from %s: round %d, step %d, %d labels trained, offsets %s", ckpt, self.rounds, self.steps, self.labels_trained, self.offsets)
 
     # -- one round -----------------------------------------------------------------------
@@ -202,12 +252,12 @@ class OnlineTrainer:
         rows, self.buffer.fresh = self.buffer.fresh[: s.online_round_max_labels], self.buffer.fresh[s.online_round_max_labels :]
         stats = self.learner.learn_many(rows)
         self.labels_trained += stats.labels
-        self.teachers.update(stats.teachers)
+        self.lineage.add(rows)
         self.rounds += 1
         result = RoundResult(self.rounds, stats.labels, stats.steps, stats.loss, stats.skipped, teachers=stats.teachers)
         if stats.skipped:
             log.warning("round %d: %d of %d steps skipped (non-finite loss or gradient)", self.rounds, stats.skipped, stats.steps)
-        if time.time() - self.last_publish >= s.online_publish_every_s:
+        if time.time() - self.last_gate >= s.online_publish_every_s:
             self._gate_and_publish(result)
         self.checkpoint()
         return result
@@ -215,6 +265,7 @@ class OnlineTrainer:
     def _gate_and_publish(self, result: RoundResult) -> None:
         assert self.champion is not None
         s = self.settings
+        self.last_gate = time.time()
         candidate = self.gate.measure(self.student)
         verdict = self.gate.judge(candidate, self.champion, self.best)
         result.candidate, result.verdict = candidate.metrics, verdict.reason
@@ -225,34 +276,33 @@ class OnlineTrainer:
             if self.refused >= s.online_revert_after_refusals:
                 self._revert(result)
             return
+        best = high_water(self.best, candidate.value)
         trained_on = {
             "topic": s.topic("labels"),
-            "offsets": {str(p): o for p, o in sorted(self.offsets.items())},
-            "labels": self.labels_trained,
+            **self.lineage.to_dict(),  # teachers over the whole lineage; offsets: the labels these weights were trained on
+            "labels": self.lineage.labels,
             "held_out": self.held_out,
             "steps": self.steps,
-            "teachers": dict(sorted(self.teachers.items())),
             "gate": verdict.reason,
+            "gate_slice": self.gate.fingerprint,
             "learner": {k: v for k, v in self.learner_config.to_dict().items() if k != "loss"},
         }
         metrics = {f"val_{k}": v for k, v in candidate.metrics.items() if np.isfinite(v)}
-        metrics |= {"gate_delta": verdict.delta, "gate_delta_lo": verdict.interval[0], "gate_delta_hi": verdict.interval[1], "gate_floor": verdict.floor}
+        metrics |= {"gate_delta": verdict.delta, "gate_delta_lo": verdict.interval[0], "gate_delta_hi": verdict.interval[1], "gate_floor": verdict.floor, "gate_best": best}
         with tempfile.TemporaryDirectory(prefix="broadfast-online-") as tmp:
             folder = save_student(self.student, Path(tmp) / "model")
             manifest = self.registry.publish(folder, parent=self.live_version, metrics=metrics, trained_on=trained_on, champion=True)
         log.info("round %d: published %s (parent %s): %s", self.rounds, manifest.version, self.live_version, verdict.reason)
-        self.live_version, self.champion = manifest.version, candidate
-        self.best = max(self.best, candidate.value)
-        self.champion_teachers = Counter(self.teachers)
+        self.live_version, self.champion, self.best = manifest.version, candidate, best
+        self.champion_lineage = self.lineage.copy()
         self.refused = 0
-        self.last_publish = time.time()
         result.published = manifest.version
 
     def _revert(self, result: RoundResult) -> None:
-        """Back to the champion's weights, with a fresh optimizer; the schedule's clock goes on."""
+        """Back to the champion's weights and lineage, with a fresh optimizer; the schedule's clock goes on."""
         student, _ = self.registry.load(self.live_version, device=str(self.device))
         self.learner.reset(student)
-        self.teachers = Counter(self.champion_teachers)
+        self.lineage = self.champion_lineage.copy()
         log.info("round %d: reverted to champion %s after %d refused candidate(s); their labels stay in the replay reservoir", self.rounds, self.live_version, self.refused)
         self.refused = 0
         result.reverted_to = self.live_version
@@ -271,8 +321,8 @@ class OnlineTrainer:
         state = {
             "offsets": self.offsets, "seen": self.buffer.seen, "rounds": self.rounds, "steps": self.steps,
             "labels_trained": self.labels_trained, "held_out": self.held_out, "live_version": self.live_version,
-            "live_metrics": self.live_metrics, "best": self.best, "refused": self.refused,
-            "teachers": dict(self.teachers), "champion_teachers": dict(self.champion_teachers), "ts": time.time(),
+            "live_metrics": self.live_metrics, "best": self.best, "refused": self.refused, "gate_slice": self.gate.fingerprint,
+            "lineage": self.lineage.to_dict(), "champion_lineage": self.champion_lineage.to_dict(), "ts": time.time(),
         }  # fmt: skip
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
         old = self.dir / (CHECKPOINT + ".old")
@@ -309,7 +359,7 @@ def run_online(settings: Settings, *, stop: threading.Event | None = None, max_r
     consumer = make_consumer(settings, ["labels"], group_id="broadfast-trainer", max_poll_records=256)
     with EventBus(settings) as bus:
         letters = DeadLetters(settings, bus, "trainer")
-        waiting_since: float | None = None
+        waiting_since: float | None = time.monotonic() if trainer.buffer.fresh else None  # fresh rows restored from the checkpoint
         try:
             for delivery in consume(settings, consumer, letters, poll_timeout_ms=500):
                 if stop.is_set():

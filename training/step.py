@@ -30,10 +30,11 @@ def set_lr(opt: torch.optim.Optimizer, factor: float) -> None:
         group["lr"] = group["base_lr"] * factor
 
 
-def lr_scale(step: int, warmup_steps: int, schedule: Schedule = "constant") -> float:
-    """A schedule for a stream of unknown length: linear warm-up, then constant or 1/√step.
+def lr_scale(step: int, warmup_steps: int, schedule: Schedule = "constant", floor: float = 0.0) -> float:
+    """A schedule for a stream of unknown length: linear warm-up, then constant or 1/√step, never below ``floor``.
 
-    ``step`` counts from 0. Unlike the offline linear decay it needs no total step count.
+    ``step`` counts from 0. Unlike the offline linear decay it needs no total step count; the
+    floor keeps a learner that runs for days from freezing.
     """
     warm = max(1, warmup_steps)
     if step < warm:
@@ -41,7 +42,7 @@ def lr_scale(step: int, warmup_steps: int, schedule: Schedule = "constant") -> f
     if schedule == "constant":
         return 1.0
     if schedule == "inverse_sqrt":
-        return math.sqrt(warm / (step + 1))
+        return max(floor, math.sqrt(warm / (step + 1)))
     raise ValueError(f"schedule must be 'constant' or 'inverse_sqrt', got {schedule!r}")
 
 

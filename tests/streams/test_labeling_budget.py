@@ -219,7 +219,7 @@ def test_nothing_is_admitted_while_the_backlog_is_full(bus_settings, client) -> 
 @pytest.mark.integration
 def test_within_a_batch_the_hardest_candidates_get_the_tokens(bus_settings, client) -> None:
     settings = bus_settings.model_copy(
-        update={"stream_budget_per_s": 1e-6, "stream_budget_min_per_s": 1e-6, "stream_budget_burst": 2.0, "stream_max_queue_s": 1e12, "stream_long_tail_min_traffic": 10**9}
+        update={"stream_budget_per_s": 1e-6, "stream_budget_min_per_s": 1e-6, "stream_budget_burst": 2.0, "stream_max_queue_s": 1e12, "stream_long_tail_min_traffic": 10**9, "stream_explore_share": 0.0}
     )
     clock = FakeClock()
     sampler = HardCaseSampler(settings, client, clock=clock)
@@ -274,3 +274,21 @@ def test_concurrent_workers_never_overfill_the_backlog_nor_spend_a_token_twice(b
     assert budgets[0].tokens(1_000.0) == pytest.approx(20.0)
     for c in clients:
         c.close()
+
+
+def test_admission_order_gives_a_random_share_and_caps_each_query() -> None:
+    import numpy as np
+
+    from streams.sampler import admission_order
+
+    hardness = list(np.linspace(1.0, 0.0, 200))  # candidate i is the i-th hardest
+    queries = [f"q{i // 4}" for i in range(200)]  # 50 queries of 4 candidates
+    order, capped = admission_order(hardness, queries, 0.0, 2, np.random.default_rng(0))
+    assert order == [i for i in range(200) if i % 4 < 2] and capped == [i for i in range(200) if i % 4 >= 2]
+    first_50 = []
+    for seed in range(20):
+        order, _ = admission_order(hardness, [str(i) for i in range(200)], 0.3, 1000, np.random.default_rng(seed))
+        assert sorted(order) == list(range(200))
+        first_50.append(sum(i >= 50 for i in order[:50]))  # slots that went beyond the 50 hardest
+    # about 30% of the first 50 slots are random draws, and most of those land outside the hardest 50
+    assert 6 <= np.mean(first_50) <= 16, first_50

@@ -42,7 +42,7 @@ def make_processor(bus_settings):
     def make(**overrides):
         # a bucket that never refills (no labeler reports a rate: the starting rate is used) and a
         # backlog bound these tests never reach (1e-6/s × 1e9 s = 1000 cases); the budget's own tests set theirs
-        base = {"stream_push_features": False, "stream_budget_per_s": 1e-6, "stream_budget_min_per_s": 1e-6, "stream_budget_burst": 100.0, "stream_max_queue_s": 1e9}
+        base = {"stream_push_features": False, "stream_budget_per_s": 1e-6, "stream_budget_min_per_s": 1e-6, "stream_budget_burst": 100.0, "stream_max_queue_s": 1e9, "stream_explore_share": 0.0}
         settings = bus_settings.model_copy(update=base | overrides)
         p = StreamProcessor(settings)
         made.append(p)

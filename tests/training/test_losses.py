@@ -84,9 +84,10 @@ def test_row_weights_weigh_the_kd_and_ce_terms() -> None:
     logits = torch.tensor([[2.0, 0.0, -1.0], [0.0, 1.0, 3.0]])
     teacher = torch.tensor([[0.1, 0.1, 0.8], [0.8, 0.1, 0.1]])
     grades = torch.tensor([2, 0])
-    only_first = torch.tensor([1.0, 0.0])
-    assert kd_loss(logits, teacher, 2.0, weights=only_first).item() == pytest.approx(kd_loss(logits[:1], teacher[:1], 2.0).item())
-    assert ce_loss(logits, grades, only_first).item() == pytest.approx(ce_loss(logits[:1], grades[:1]).item())
-    half = torch.tensor([0.5, 0.5])
-    assert kd_loss(logits, teacher, 2.0, weights=half).item() == pytest.approx(kd_loss(logits, teacher, 2.0).item())
+    only_first = torch.tensor([1.0, 0.0])  # the second row counts in the mean's denominator, not its sum
+    assert kd_loss(logits, teacher, 2.0, weights=only_first).item() == pytest.approx(kd_loss(logits[:1], teacher[:1], 2.0).item() / 2)
+    assert ce_loss(logits, grades, only_first).item() == pytest.approx(ce_loss(logits[:1], grades[:1]).item() / 2)
+    half = torch.tensor([0.5, 0.5])  # a batch of unsure labels takes half the step
+    assert kd_loss(logits, teacher, 2.0, weights=half).item() == pytest.approx(kd_loss(logits, teacher, 2.0).item() / 2)
+    assert kd_loss(logits, teacher, 2.0, weights=torch.ones(2)).item() == pytest.approx(kd_loss(logits, teacher, 2.0).item())
     assert kd_loss(logits, teacher, 2.0, weights=torch.zeros(2)).item() == 0.0
