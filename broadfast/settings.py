@@ -197,6 +197,7 @@ class Settings(BaseSettings):
     online_warmup_steps: int = Field(default=20, ge=0, description="Online trainer: linear learning-rate warm-up, in optimizer steps.")
     online_lr_schedule: Literal["constant", "inverse_sqrt"] = Field(default="inverse_sqrt", description="Online trainer: learning rate after warm-up: decaying as 1/sqrt(step), or constant.")
     online_lr_floor: float = Field(default=0.1, ge=0, le=1, description="Online trainer: the decaying learning rate never goes below this share of its peak (a learner that runs for days keeps learning).")
+    online_ema_decay: float = Field(default=0.9, ge=0, lt=1, description="Online trainer: the published model is a moving average of the trained weights, with this decay per step (0: publish the raw weights).")
     online_confidence_weighting: bool = Field(default=True, description="Online trainer: weigh each label by the teacher's confidence (its grade-token mass).")
     online_val_pairs: int = Field(default=400, ge=10, description="Online trainer: pairs in the fixed validation slice.")
     online_val_share: float = Field(default=0.2, gt=0, lt=1, description="Online trainer: share of the data set's queries held out for validation (never trained on).")

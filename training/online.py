@@ -9,7 +9,8 @@ The loop, one *round* at a time:
    at least one), the learner trains on at most ``online_round_max_labels`` of them — each
    ``online_passes`` times, mixed with replayed older labels — so the number of steps follows
    the number of labels;
-3. at most every ``online_publish_every_s``, the candidate is measured on the fixed validation
+3. at most every ``online_publish_every_s``, the candidate (the learner's moving average of
+   its weights) is measured on the fixed validation
    slice and judged by the gate (:mod:`training.gate`) against the champion measured the same
    way: it is published (→ ``ModelPublished``, hot swap) only when it is at least the best
    champion's score minus ``online_gate_tolerance`` — so publishes never slide;
@@ -59,6 +60,7 @@ STATE_FILE = "online.json"
 OPTIMIZER_FILE = "optimizer.pt"
 BUFFER_FILE = "buffer.parquet"
 CHAMPION_PROBS_FILE = "champion_probs.npy"
+AVERAGE_DIR = "average"  # the moving average of the weights: the model the gate measures and publishes
 
 
 # -- the validation slice ---------------------------------------------------------------
@@ -211,7 +213,10 @@ class OnlineTrainer:
 
     def _resume(self, ckpt: Path) -> None:
         state = json.loads((ckpt / STATE_FILE).read_text())
+        average = load_student(ckpt / AVERAGE_DIR, self.device) if (ckpt / AVERAGE_DIR).exists() else None
         self.learner = OnlineLearner(load_student(ckpt, self.device), self.learner_config)
+        if average is not None and self.learner.ema is not None:
+            self.learner.reset(self.learner.student, model=average)
         self.learner.opt.load_state_dict(torch.load(ckpt / OPTIMIZER_FILE, weights_only=True, map_location=self.device))
         if (ckpt / BUFFER_FILE).exists():
             self.buffer.load_frame(pd.read_parquet(ckpt / BUFFER_FILE))
@@ -266,7 +271,7 @@ class OnlineTrainer:
         assert self.champion is not None
         s = self.settings
         self.last_gate = time.time()
-        candidate = self.gate.measure(self.student)
+        candidate = self.gate.measure(self.learner.model)
         verdict = self.gate.judge(candidate, self.champion, self.best)
         result.candidate, result.verdict = candidate.metrics, verdict.reason
         if not verdict.publish:
@@ -290,7 +295,7 @@ class OnlineTrainer:
         metrics = {f"val_{k}": v for k, v in candidate.metrics.items() if np.isfinite(v)}
         metrics |= {"gate_delta": verdict.delta, "gate_delta_lo": verdict.interval[0], "gate_delta_hi": verdict.interval[1], "gate_floor": verdict.floor, "gate_best": best}
         with tempfile.TemporaryDirectory(prefix="broadfast-online-") as tmp:
-            folder = save_student(self.student, Path(tmp) / "model")
+            folder = save_student(self.learner.model, Path(tmp) / "model")
             manifest = self.registry.publish(folder, parent=self.live_version, metrics=metrics, trained_on=trained_on, champion=True)
         log.info("round %d: published %s (parent %s): %s", self.rounds, manifest.version, self.live_version, verdict.reason)
         self.live_version, self.champion, self.best = manifest.version, candidate, best
@@ -314,6 +319,8 @@ class OnlineTrainer:
         if tmp.exists():
             shutil.rmtree(tmp)
         save_student(self.student, tmp)
+        if self.learner.ema is not None:
+            save_student(self.learner.ema, tmp / AVERAGE_DIR)
         torch.save(self.learner.opt.state_dict(), tmp / OPTIMIZER_FILE)
         self.buffer.to_frame().to_parquet(tmp / BUFFER_FILE)
         assert self.champion is not None
