@@ -29,8 +29,13 @@ A hard pair is then claimed for ``stream_dedup_ttl_s`` (de-dup per pair id) and 
   no longer count, the labeler drops those unlabelled anyway). Nothing is admitted while
   the backlog holds ``rate × stream_max_queue_s`` pairs (at least 1), so the
   ``hardcases`` queue stays a few seconds of the teacher's work long;
-* **hardest first** — within a batch the tokens go to the candidates with the highest
-  :func:`hardness_score`, not to the first ones to arrive.
+* **hardest first, with a random share** — within a batch the tokens go to the candidates
+  with the highest :func:`hardness_score`, not to the first ones to arrive; but a share
+  ``stream_explore_share`` of the slots goes to a candidate drawn at random from *all* the
+  batch's never-labelled pairs (hard or not: those that are not hard are ``explore``
+  candidates, reachable only this way), and at most ``stream_per_query_cap`` per query
+  (:func:`admission_order`). Labels of uncertain pairs only are a biased sample: in the demo a
+  student trained on them alone got worse on a random validation slice after a few minutes.
 
 A candidate that gets no token (or no backlog room) releases its claim and may be sampled
 when it comes again.
@@ -71,6 +76,8 @@ UNCERTAINTY = "uncertainty"
 DISAGREEMENT = "arm_disagreement"
 LONG_TAIL = "long_tail"
 NOVEL = "novel"
+EXPLORE = "explore"  # not hard: admitted by the random share of the budget (see admission_order)
+EXPLORE_RANK = 10.0  # explore candidates rank below every hard one in the hardest-first slots
 SIGNALS = (UNCERTAINTY, DISAGREEMENT, LONG_TAIL)
 ARMS = ("champion", "challenger")
 
@@ -223,6 +230,7 @@ class SamplerStats:
     duplicates: int = 0
     over_budget: int = 0  # fresh hard cases refused for want of a token
     backlog_full: int = 0  # fresh hard cases refused because the backlog was full
+    explore: int = 0  # novel pairs that were not hard: candidates of the random share only
     per_query_capped: int = 0  # fresh hard cases left out: their query had its share of the batch already
     labelled: int = 0
     rate: float = 0.0  # the budget's refill rate at the last admission (hard cases/s)
@@ -371,11 +379,17 @@ class HardCaseSampler:
             )
             self.stats.scored += 1
             self.stats.labelled += labelled
+            disagreement = ev.score - other_score if other_score is not None else None
             if is_hard(reasons, self.cfg):
                 self.stats.hard += 1
                 candidates.append((i, reasons))
-                disagreement = ev.score - other_score if other_score is not None else None
                 hardness[i] = hardness_score(ev.grade_probs, disagreement=disagreement, long_tail=LONG_TAIL in reasons)
+            elif NOVEL in reasons and s.stream_explore_share > 0:
+                # not hard, never labelled: only the random share of the slots can reach it, so that
+                # share is drawn from all new traffic and the labels are not all uncertain ones
+                self.stats.explore += 1
+                candidates.append((i, [EXPLORE, NOVEL]))
+                hardness[i] = hardness_score(ev.grade_probs) - EXPLORE_RANK
         if not candidates:
             return []
         # 3. de-dup claims: new, replayed (claimed by this very source offset) or duplicate.

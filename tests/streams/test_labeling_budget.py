@@ -241,6 +241,25 @@ def test_within_a_batch_the_hardest_candidates_get_the_tokens(bus_settings, clie
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize("share", [0.0, 1.0])
+def test_the_random_share_reaches_new_pairs_that_are_not_hard(bus_settings, client, share: float) -> None:
+    """Explore candidates (never labelled, not hard) get slots only through the random share."""
+    settings = bus_settings.model_copy(
+        update={"stream_budget_per_s": 1e-6, "stream_budget_min_per_s": 1e-6, "stream_budget_burst": 3.0, "stream_max_queue_s": 1e12,
+                "stream_long_tail_min_traffic": 10**9, "stream_explore_share": share, "stream_per_query_cap": 100}
+    )  # fmt: skip
+    sampler = HardCaseSampler(settings, client, clock=FakeClock())
+    events = [scored(i, f"sure{i}", SURE_YES) for i in range(12)] + [scored(12, "flat", FLAT)]
+    got = sampler.process(batch(events))
+    explored = [h for h in got if "explore" in h.reasons]
+    if share == 0.0:
+        assert [h.query for h in got] == ["flat"] and sampler.stats.explore == 0
+    else:  # every slot random: the 3 tokens go to a uniform draw over all 13 new pairs
+        assert len(got) == 3 and sampler.stats.explore == 12
+        assert explored and all(h.reasons == ["explore", "novel"] for h in explored)
+
+
+@pytest.mark.integration
 def test_a_stale_copy_releases_only_its_own_admission(bus_settings, client) -> None:
     settings = bus_settings
     old, new = pair_id("old", "a"), pair_id("readmitted", "a")
