@@ -240,6 +240,17 @@ class Labeler:
         self.stats.dropped_stale += len(cases)
         log.debug("labeler %s: dropped %d hard case(s) older than %.0f s", self.teacher_id, len(cases), self.settings.labeler_max_age_s)
 
+    def call_size(self) -> int:
+        """Hard cases per teacher call: what the teacher labels in a quarter of ``labeler_max_age_s``
+        at its measured rate (one until the rate is measured), at most ``labeler_batch``. A slow
+        teacher (a CPU LLM, ~0.1 pairs/s) then publishes each label seconds after it is made instead
+        of holding it until a batch of 16 is done, minutes later, and the cases behind it are
+        judged stale at the time their own call starts."""
+        rate = self.meter.rate()
+        if rate is None:
+            return 1
+        return max(1, min(self.settings.labeler_batch, int(rate * self.settings.labeler_max_age_s / 4)))
+
     def run(
         self,
         *,
@@ -258,7 +269,9 @@ class Labeler:
                     pending.append(delivery)
                 enough = max_records is not None and self.stats.consumed + len(pending) >= max_records
                 if pending and (delivery is None or enough or len(pending) >= self.settings.labeler_batch):
-                    self.process(pending)
+                    limit = self.call_size()
+                    for k in range(0, len(pending), limit):  # each call's labels go out as soon as it returns
+                        self.process(pending[k : k + limit])
                     consumer.commit()  # only after the labels were flushed: at-least-once
                     pending = []
                     if on_batch is not None:

@@ -186,7 +186,7 @@ class OnlineLearner:
         self.reset(student)
 
     def reset(self, student: Student, steps: int | None = None, model: Student | None = None) -> None:
-        """Train ``student`` from now on, with a fresh optimizer (e.g. after a revert to the champion).
+        """Train ``student`` from now on, with a fresh optimizer.
 
         The served average starts from ``model`` (a checkpoint's) or from ``student``.
         """
@@ -198,6 +198,15 @@ class OnlineLearner:
             self.ema.requires_grad_(False)
         if steps is not None:
             self.steps = steps
+
+    @torch.no_grad()
+    def load_weights(self, source: Student) -> None:
+        """Take ``source``'s weights (the trained ones and the served average), keeping the optimizer's
+        running moments: a fresh AdamW's first steps are full-size, and on a stream of small,
+        correlated batches they undo in a few rounds what the weights had learned."""
+        self.student.load_state_dict(source.state_dict())
+        if self.ema is not None:
+            self.ema.load_state_dict(source.state_dict())
 
     @property
     def model(self) -> Student:

@@ -16,7 +16,7 @@ The loop, one *round* at a time:
    champion's score minus ``online_gate_tolerance`` — so publishes never slide;
 4. a refused candidate is **not** the silent base of the next one: after
    ``online_revert_after_refusals`` refusals in a row the learner goes back to the champion's
-   weights (with a fresh optimizer); the refused rounds' labels stay in the replay reservoir;
+   weights (the optimizer keeps its moments); the refused rounds' labels stay in the replay reservoir;
 5. checkpoint (weights, optimizer, buffer, offsets, gate state) and only then commit the label
    offsets: a label's offset is committed once it is inside a published or checkpointed model.
 
@@ -304,9 +304,9 @@ class OnlineTrainer:
         result.published = manifest.version
 
     def _revert(self, result: RoundResult) -> None:
-        """Back to the champion's weights and lineage, with a fresh optimizer; the schedule's clock goes on."""
+        """Back to the champion's weights and lineage; the optimizer's moments and the schedule's clock go on."""
         student, _ = self.registry.load(self.live_version, device=str(self.device))
-        self.learner.reset(student)
+        self.learner.load_weights(student)
         self.lineage = self.champion_lineage.copy()
         log.info("round %d: reverted to champion %s after %d refused candidate(s); their labels stay in the replay reservoir", self.rounds, self.live_version, self.refused)
         self.refused = 0
