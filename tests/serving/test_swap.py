@@ -61,6 +61,9 @@ def test_swap_under_200_requests_in_flight_fails_none(tiny_model: Path, make_var
                     await asyncio.sleep(0.01)
                 swap_seen.append(time.monotonic())
                 await asyncio.sleep(1.0)
+                # keep the load on until the run holds enough requests to mean something (a loaded machine serves fewer a second)
+                while len(results) < 400 and time.monotonic() - swap_seen[0] < 30:
+                    await asyncio.sleep(0.05)
                 stop_evt.set()
                 await asyncio.gather(*tasks)
                 publisher.join()

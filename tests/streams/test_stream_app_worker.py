@@ -72,7 +72,7 @@ def test_worker_end_to_end_with_dead_letters_and_feast_push(bus_settings, tmp_pa
     from features.store import OnlineFeatures, apply
 
     settings = bus_settings.model_copy(
-        update={"stream_web_port": 0, "stream_budget_burst": 100.0, "stream_batch_size": 50, "stream_long_tail_min_traffic": 10**9, "feast_data": tmp_path / "feast", "home": tmp_path}
+        update={"stream_web_port": 0, "stream_budget_burst": 100.0, "stream_batch_size": 50, "stream_long_tail_min_traffic": 10**9, "stream_explore_share": 0.0, "feast_data": tmp_path / "feast", "home": tmp_path}
     )
     apply(settings)
     events = [sc(i, f"query {i % 7}", f"ad{i % 11}", FLAT if i % 5 == 0 else SURE, 1_000.0 + i) for i in range(60)]
@@ -115,7 +115,7 @@ def test_kill_9_mid_stream_then_restart_loses_nothing_and_counts_once(bus_settin
     settings = bus_settings.model_copy(
         update={"stream_web_port": 0, "stream_push_features": False, "stream_budget_burst": 10_000.0, "stream_batch_size": 40, "stream_long_tail_min_traffic": 10**9, "stream_counter_window_s": 60, "home": tmp_path,
                 # no labeler runs here: without this the backlog bound (rate × max queue) would stop admission at 40
-                "stream_max_queue_s": 1e9}
+                "stream_max_queue_s": 1e9, "stream_explore_share": 0.0}
     )
     n = 3000
     events = [sc(i, f"q{i % 40}", f"a{i % 97}", FLAT if i % 9 == 0 else SURE, 1_000.0 + i * 0.1) for i in range(n)]
