@@ -39,10 +39,16 @@ from training.metrics import evaluate, ndcg_at_k, scores_of
 Metric = Literal["spearman", "ndcg@10", "macro_f1"]
 
 
+def high_water(*values: float) -> float:
+    """The largest finite value (``-inf`` when none is): a NaN score never switches the floor off."""
+    finite = [v for v in values if np.isfinite(v)]
+    return max(finite) if finite else float("-inf")
+
+
 @dataclass(frozen=True)
 class GateConfig:
     metric: Metric = "spearman"
-    tolerance: float = 0.02
+    tolerance: float = 0.03  # BROADFAST_ONLINE_GATE_TOLERANCE's default
     resamples: int = 400
     confidence: float = 0.90
     seed: int = 0
@@ -136,8 +142,7 @@ class Gate:
     def judge(self, candidate: Measured, champion: Measured, best: float) -> Verdict:
         """Publish when ``candidate ≥ best − tolerance`` (``best``: the high-water mark of champions' scores)."""
         cfg = self.config
-        finite = [v for v in (best, champion.value) if np.isfinite(v)]
-        best = max(finite) if finite else float("-inf")  # a NaN score never switches the floor off
+        best = high_water(best, champion.value)
         floor = best - cfg.tolerance
         delta = candidate.value - champion.value
         lo, hi = self.interval(candidate, champion)

@@ -49,7 +49,7 @@ import torch
 
 from broadfast.settings import Settings
 from streams.events import TeacherLabel, normalize_query
-from training.gate import Gate, GateConfig, Measured
+from training.gate import Gate, GateConfig, Measured, high_water
 from training.learner import LabelRow, LearnerConfig, OnlineLearner
 from training.student import Student, ad_text, load_student, save_student
 
@@ -138,12 +138,6 @@ class Lineage:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Lineage:
         return cls(Counter(d.get("teachers") or {}), {int(p): int(o) for p, o in (d.get("offsets") or {}).items()})
-
-
-def high_water(*values: float) -> float:
-    """The largest finite value (``-inf`` when none is): a NaN score never disables the gate's floor."""
-    finite = [v for v in values if np.isfinite(v)]
-    return max(finite) if finite else float("-inf")
 
 
 class OnlineTrainer:
