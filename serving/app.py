@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import secrets
 import time
 import uuid
@@ -22,11 +23,12 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from broadfast import __version__
 from broadfast.errors import BroadfastError
@@ -42,21 +44,64 @@ log = logging.getLogger(__name__)
 QUERY_MAX_CHARS = 4096  # the Scored event's limit
 
 
+def unicode_text(value: str) -> str:
+    """Text every later step can take (tokenizer, events, logs): valid Unicode, no NUL.
+
+    >>> unicode_text("garden hose")
+    'garden hose'
+    >>> unicode_text("t \\udfff")
+    Traceback (most recent call last):
+    ...
+    ValueError: is not valid Unicode text (surrogates not allowed at position 2)
+    """
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"is not valid Unicode text ({exc.reason} at position {exc.start})") from None
+    if "\x00" in value:
+        raise ValueError(f"holds a NUL character at position {value.index(chr(0))}")
+    return value
+
+
+def not_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("is blank: there is nothing to score")
+    return value
+
+
+Text = Annotated[str, AfterValidator(unicode_text)]
+Words = Annotated[str, AfterValidator(unicode_text), AfterValidator(not_blank)]
+
+
 class AdIn(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    ad_id: str = Field(min_length=1, max_length=4096, examples=["205872"])
-    title: str = Field(examples=["20V MAX cordless drill driver kit"])
-    text: str = Field(default="", description="Description; the student reads the title and the start of this.")
+    ad_id: Text = Field(min_length=1, max_length=4096, examples=["205872"])
+    title: Words = Field(examples=["20V MAX cordless drill driver kit"])
+    text: Text = Field(default="", description="Description; the student reads the title and the start of this.")
 
 
 class ScoreRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    query: str = Field(min_length=1, examples=["cordless drill"])
+    query: Words = Field(min_length=1, examples=["cordless drill"])
     ads: list[AdIn] = Field(min_length=1)
-    user_id: str | None = Field(default=None, max_length=256, description="A/B assignment is sticky per user (else per request).")
-    request_id: str | None = Field(default=None, min_length=1, max_length=256)
+    user_id: Text | None = Field(default=None, max_length=256, description="A/B assignment is sticky per user (else per request).")
+    request_id: Text | None = Field(default=None, min_length=1, max_length=256)
+
+
+def printable(value: Any) -> Any:
+    """``value`` as JSON can always carry it: text with lone surrogates escaped, non-finite numbers as text."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+def validation_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
+    """The request's field errors without echoing its input (which may not be encodable as JSON)."""
+    return [{"loc": [printable(part) for part in err.get("loc", ())], "msg": printable(str(err.get("msg", ""))), "type": printable(str(err.get("type", "")))} for err in exc.errors()]
 
 
 class ScoreResult(BaseModel):
@@ -146,6 +191,11 @@ def create_app(settings: Settings, model_dir: Path | None = None, *, engine: Eng
     def reject(status: int, detail: str) -> HTTPException:
         metrics.rejected.labels(str(status)).inc()
         return HTTPException(status_code=status, detail=detail)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+        metrics.rejected.labels("422").inc()
+        return JSONResponse({"detail": validation_errors(exc)}, status_code=422)
 
     @app.exception_handler(BroadfastError)
     async def _broadfast_error(_: Request, exc: BroadfastError) -> JSONResponse:

@@ -127,22 +127,34 @@ class MicroBatcher:
                 self._score(group)
 
     def _score(self, jobs: list[_Job]) -> None:
+        """Score one model's jobs in one forward pass. When the pass fails, each job is scored
+        alone, so only the request that caused the failure gets it; a request whose own scores
+        are not finite fails alone too."""
         model = jobs[0].model
         queries = [q for j in jobs for q in j.queries]
         texts = [t for j in jobs for t in j.texts]
         try:
             probs = model.student.predict_proba(queries, texts, batch_size=self.params.forward_batch)
-            if not np.isfinite(probs).all():
-                raise FloatingPointError(f"model {model.version} produced non-finite probabilities")
         except Exception as exc:
-            log.exception("scoring a batch of %d pairs with %s failed", len(queries), model.version)
+            if len(jobs) > 1:
+                log.warning("scoring a batch of %d requests (%d pairs) with %s failed (%s: %s); scoring each request alone", len(jobs), len(queries), model.version, type(exc).__name__, exc)
+                self.metrics.errors.labels("batch_retried").inc()
+                for job in jobs:
+                    self._score([job])
+                return
+            log.exception("scoring a request of %d pairs with %s failed", len(queries), model.version)
             self.metrics.errors.labels("forward").inc()
-            for job in jobs:
-                job.future.set_exception(exc)
+            jobs[0].future.set_exception(exc)
             return
-        self.metrics.pairs.labels(model.version).inc(len(queries))
         start = 0
         for job in jobs:
             n = len(job.queries)
-            job.future.set_result(probs[start : start + n])
+            part = probs[start : start + n]
             start += n
+            if not np.isfinite(part).all():
+                log.error("model %s produced non-finite probabilities for a request of %d pairs", model.version, n)
+                self.metrics.errors.labels("forward").inc()
+                job.future.set_exception(FloatingPointError(f"model {model.version} produced non-finite probabilities"))
+                continue
+            self.metrics.pairs.labels(model.version).inc(n)
+            job.future.set_result(part)

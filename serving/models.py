@@ -61,6 +61,9 @@ PROBE_PAIRS: tuple[tuple[str, str], ...] = (
 )
 
 
+MIN_PROBE_SPREAD = 1e-6  # probe scores closer together than this: the model scores everything alike (e.g. a stub tokenizer)
+
+
 @dataclass(eq=False)
 class LiveModel:
     """One resident version: the student and where it came from."""
@@ -176,7 +179,10 @@ def probe(candidate: LiveModel, live: LiveModel | None, floor: float) -> dict[st
         raise SwapRefused(candidate.version, "probe", "non-finite probabilities on the probe pairs")
     if (probs < 0).any() or (probs > 1).any() or not np.allclose(probs.sum(1), 1.0, atol=1e-3):
         raise SwapRefused(candidate.version, "probe", "probabilities outside [0, 1] or not summing to 1 on the probe pairs")
-    report: dict[str, Any] = {"pairs": len(PROBE_PAIRS), "mean_score": round(float(scores.mean()), 6)}
+    spread = float(scores.max() - scores.min())
+    if spread < MIN_PROBE_SPREAD:
+        raise SwapRefused(candidate.version, "probe", f"every probe pair gets the same score ({scores.mean():.6f}, range {spread:.1e}): a model that cannot tell a drill from a garden hose cannot rank")
+    report: dict[str, Any] = {"pairs": len(PROBE_PAIRS), "mean_score": round(float(scores.mean()), 6), "spread": round(spread, 6)}
     if live is not None:
         _, live_scores = probe_scores(live)
         report |= {"against": live.version, "agreement": agreement(scores, live_scores), "spearman": spearman(scores, live_scores), "floor": floor}

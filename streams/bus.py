@@ -9,6 +9,7 @@ Client configs are rendered by :class:`~broadfast.settings.Settings`, never here
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -32,11 +33,46 @@ class Delivery:
 
 
 class EventBus:
-    """Publishes contract events. One per process; thread-safe (kafka-python's producer is)."""
+    """Publishes contract events. One per process; thread-safe (kafka-python's producer is).
+
+    Every send is accounted for: its future's outcome counts in :attr:`delivered` or
+    :attr:`undelivered` (with the last error in :attr:`last_error`), so a caller can report
+    lost events instead of assuming them sent. Counts are final after :meth:`flush`.
+    """
 
     def __init__(self, settings: Settings, producer: Any | None = None) -> None:
         self.settings = settings
         self._producer = producer if producer is not None else make_producer(settings)
+        self._lock = threading.Lock()
+        self.sent = 0
+        self.delivered = 0
+        self.undelivered = 0
+        self.last_error: str | None = None
+
+    def _ok(self, _metadata: Any) -> None:
+        with self._lock:
+            self.delivered += 1
+
+    def _lost(self, topic: str, exc: BaseException) -> None:
+        with self._lock:
+            self.undelivered += 1
+            first = self.undelivered == 1
+            self.last_error = f"{topic}: {type(exc).__name__}: {exc}"
+        if first:
+            log.error("an event to %s was not delivered (%s: %s); further losses are counted", topic, type(exc).__name__, exc)
+
+    @property
+    def pending(self) -> int:
+        """Sends neither acknowledged nor failed yet (after a timed-out :meth:`flush`: unconfirmed)."""
+        with self._lock:
+            return self.sent - self.delivered - self.undelivered
+
+    def _track(self, future: Any, topic: str) -> Any:
+        with self._lock:
+            self.sent += 1
+        future.add_callback(self._ok)
+        future.add_errback(lambda exc: self._lost(topic, exc))
+        return future
 
     def publish(self, event: Event) -> Any:
         """Send one event to its topic with its key; returns the send future."""
@@ -46,20 +82,33 @@ class EventBus:
             raise EventValidationError(
                 type(event).__name__, "<payload>", f"encoded event of {len(payload):,} bytes exceeds the limit of {self.settings.max_event_bytes:,}"
             )
-        return self._producer.send(self.settings.topic(spec.name), key=spec.key_of(event).encode("utf-8"), value=payload)
+        topic = self.settings.topic(spec.name)
+        return self._track(self._producer.send(topic, key=spec.key_of(event).encode("utf-8"), value=payload), topic)
 
     def publish_raw(self, topic: str, value: bytes, key: bytes | None = None) -> Any:
         """Send bytes as they are (tests and dead letters of foreign payloads)."""
-        return self._producer.send(self.settings.topic(topic), key=key, value=value)
+        name = self.settings.topic(topic)
+        return self._track(self._producer.send(name, key=key, value=value), name)
 
     def flush(self, timeout: float | None = 30.0) -> None:
-        self._producer.flush(timeout=timeout)
+        """Wait for every send to be acknowledged or to fail; sends still unresolved when the
+        timeout passes stay :attr:`pending` (unconfirmed) and are logged."""
+        from kafka.errors import KafkaTimeoutError
 
-    def close(self, timeout: float = 10.0) -> None:
         try:
             self._producer.flush(timeout=timeout)
-        finally:
-            self._producer.close(timeout=timeout)
+        except KafkaTimeoutError:
+            log.error("%d event(s) still unconfirmed after waiting %s s for the broker", self.pending, timeout)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Flush (what stays unconfirmed is logged and counted as :attr:`pending`), then close."""
+        from kafka.errors import KafkaTimeoutError
+
+        self.flush(timeout=timeout)
+        try:
+            self._producer.close(timeout=0 if self.pending else timeout)
+        except KafkaTimeoutError:
+            log.error("closing the producer: %d event(s) never confirmed", self.pending)
 
     def __enter__(self) -> EventBus:
         return self

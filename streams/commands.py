@@ -97,6 +97,8 @@ def replay(data: Path | None, rate: float, limit: int, seed: int, max_ads: int, 
     if scorer is not None:
         scorer.close()
     click.echo(stats.summary())
+    if stats.events_lost:
+        raise SystemExit(1)  # events were lost: a script that checks the exit status must know
 
 
 

@@ -32,7 +32,11 @@ PROB_TOLERANCE = 1e-3
 
 NonEmpty = Annotated[str, Field(min_length=1, max_length=4096)]
 Text = Annotated[str, Field(max_length=100_000)]
-Timestamp = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+MAX_TS = 4_102_444_800.0  # 2100-01-01: an event time past it is an error, not a date (and overflows what consumes it)
+Timestamp = Annotated[float, Field(ge=0, le=MAX_TS, allow_inf_nan=False)]
+FEATURE_BOUND = 1e12  # a feature value beyond it is an error (and no float32 feature store overflows on it)
+Finite = Annotated[float, Field(ge=-FEATURE_BOUND, le=FEATURE_BOUND, allow_inf_nan=False)]
+EMBEDDING_BOUND = 100.0  # rationale embeddings are unit vectors; a coordinate beyond it poisons training (1e39 is inf in float32)
 
 
 def now() -> float:
@@ -121,7 +125,7 @@ class Scored(Event):
     experiment_id: str | None = None
     latency_ms: float = Field(ge=0.0, allow_inf_nan=False)
     user_id: str | None = None
-    features: dict[str, float] = Field(default_factory=dict)
+    features: dict[str, Finite] = Field(default_factory=dict)
 
     _probs = field_validator("grade_probs")(_check_probs)
 
@@ -237,8 +241,8 @@ class TeacherLabel(Event):
         perspectives = info.data.get("perspectives")
         if perspectives is not None and len(value) != len(perspectives):
             raise ValueError(f"one embedding per perspective: {len(value)} embeddings for {len(perspectives)} perspectives")
-        if any(not math.isfinite(x) for row in value for x in row):
-            raise ValueError("embeddings must be finite")
+        if any(not math.isfinite(x) or abs(x) > EMBEDDING_BOUND for row in value for x in row):
+            raise ValueError(f"embedding coordinates must be finite and within ±{EMBEDDING_BOUND:g} (they are unit vectors)")
         return value
 
 

@@ -127,6 +127,9 @@ class ReplayStats:
     scored_ok: int = 0
     scoring_failed: int = 0
     elapsed_s: float = 0.0
+    events_delivered: int = 0
+    events_lost: int = 0  # failed or still unconfirmed when the replay ended
+    last_error: str | None = None
     latencies_ms: list[float] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -136,9 +139,11 @@ class ReplayStats:
 
     def summary(self) -> str:
         scoring = "off" if self.scored_ok + self.scoring_failed == 0 else f"{self.scored_ok:,} scored, {self.scoring_failed:,} failed"
+        lost = f"; {self.events_lost:,} events LOST (not acknowledged by the broker; last error: {self.last_error})" if self.events_lost else ""
         return (
             f"replayed {self.requests:,} requests ({self.ads:,} ads, {self.impressions:,} impressions, "
-            f"{self.clicks:,} clicks) in {self.elapsed_s:.1f} s: {self.rate:,.1f} req/s; scoring {scoring}"
+            f"{self.clicks:,} clicks) in {self.elapsed_s:.1f} s: {self.rate:,.1f} req/s; scoring {scoring}; "
+            f"{self.events_delivered:,} events delivered{lost}"
         )
 
 
@@ -220,8 +225,10 @@ class Replayer:
         concurrency: int = 1,
         progress: Any | None = None,
         stop: threading.Event | None = None,
+        flush_timeout_s: float = 30.0,
     ) -> ReplayStats:
-        """Replay at ``rate`` requests/s (None or 0: as fast as possible)."""
+        """Replay at ``rate`` requests/s (None or 0: as fast as possible). At the end, waits up to
+        ``flush_timeout_s`` for the broker to acknowledge every event; the stats count those it did not."""
         stats = ReplayStats()
         start = time.perf_counter()
         interval = 1.0 / rate if rate else 0.0
@@ -248,6 +255,9 @@ class Replayer:
         finally:
             if pool is not None:
                 pool.shutdown(wait=True)
-            self.bus.flush()
+            self.bus.flush(timeout=flush_timeout_s)
             stats.elapsed_s = time.perf_counter() - start
+            stats.events_delivered = getattr(self.bus, "delivered", 0)
+            stats.events_lost = getattr(self.bus, "undelivered", 0) + getattr(self.bus, "pending", 0)
+            stats.last_error = getattr(self.bus, "last_error", None) or ("unconfirmed when the replay ended" if stats.events_lost else None)
         return stats

@@ -110,6 +110,7 @@ class RoundResult:
     refused: str | None = None
     reverted_to: str | None = None
     teachers: dict[str, int] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)  # where the round's time went: train, gate (measure, judge, publish), checkpoint
 
 
 @dataclass
@@ -249,7 +250,9 @@ class OnlineTrainer:
         """Train on the waiting fresh labels (at most ``online_round_max_labels``), then gate, publish and checkpoint."""
         s = self.settings
         rows, self.buffer.fresh = self.buffer.fresh[: s.online_round_max_labels], self.buffer.fresh[s.online_round_max_labels :]
+        t0 = time.perf_counter()
         stats = self.learner.learn_many(rows)
+        t1 = time.perf_counter()
         self.labels_trained += stats.labels
         self.lineage.add(rows)
         self.rounds += 1
@@ -258,7 +261,9 @@ class OnlineTrainer:
             log.warning("round %d: %d of %d steps skipped (non-finite loss or gradient)", self.rounds, stats.skipped, stats.steps)
         if time.time() - self.last_gate >= s.online_publish_every_s:
             self._gate_and_publish(result)
+        t2 = time.perf_counter()
         self.checkpoint()
+        result.seconds = {"train": t1 - t0, "gate": t2 - t1, "checkpoint": time.perf_counter() - t2}
         return result
 
     def _gate_and_publish(self, result: RoundResult) -> None:
@@ -380,7 +385,8 @@ def run_online(settings: Settings, *, stop: threading.Event | None = None, max_r
                     result = trainer.train_round()
                     waiting_since = time.monotonic() if trainer.buffer.fresh else None
                     consumer.commit({TopicPartition(topic, p): OffsetAndMetadata(o, "", -1) for p, o in trainer.offsets.items()})
-                    log.info("round %d: %d labels, %d steps, loss %s%s", result.round, result.labels, result.steps, _fmt(result.loss), f", published {result.published}" if result.published else "")
+                    took = ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items() if v >= 0.05)
+                    log.info("round %d: %d labels, %d steps, loss %s%s (%s)", result.round, result.labels, result.steps, _fmt(result.loss), f", published {result.published}" if result.published else "", took)
                     if max_rounds is not None and trainer.rounds >= max_rounds:
                         break
         finally:

@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 N_GRADES = 3
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
+TOKENIZER_FILE = "tokenizer.json"  # the fast tokenizer: a model folder without it is refused (transformers would fall back to a stub)
 FORMAT = "broadfast.student"
 FORMAT_VERSION = 1
 DESCRIPTION_CHARS = 2000  # enough for any max_length; keeps tokenising HTML-ish descriptions cheap
@@ -322,8 +323,9 @@ def read_config(directory: str | Path) -> StudentConfig:
 def load_student(directory: str | Path, device: str | torch.device | None = None) -> Student:
     """Load a model folder, refusing a corrupt or mismatched checkpoint with :class:`CheckpointError`.
 
-    Checks: the config parses; the safetensors file reads; its tensors are exactly the
-    ones the config's architecture has, with the same shapes; every weight is finite.
+    Checks: the config parses; the safetensors file reads; ``tokenizer.json`` is there and the
+    tokenizer's vocabulary is the encoder's; its tensors are exactly the ones the config's
+    architecture has, with the same shapes; every weight is finite.
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -337,10 +339,15 @@ def load_student(directory: str | Path, device: str | torch.device | None = None
         state = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{weights} is corrupt or not a safetensors file: {exc}") from None
+    if not (directory / TOKENIZER_FILE).is_file():
+        raise CheckpointError(f"{directory}: {TOKENIZER_FILE} is missing (a model is refused without the tokenizer it was trained with)")
     try:
         tokenizer = load_tokenizer(directory)
     except Exception as exc:  # noqa: BLE001 - tokenizer loaders raise many types
         raise CheckpointError(f"{directory}: the tokenizer files cannot be loaded: {exc}") from None
+    vocab = int(config.encoder.get("vocab_size", 0))
+    if len(tokenizer) != vocab:
+        raise CheckpointError(f"{directory}: the tokenizer has {len(tokenizer):,} tokens but the encoder's vocabulary {vocab:,}: they do not belong together")
     student = Student(config, tokenizer=tokenizer)
     expected = student.state_dict()
     missing = sorted(set(expected) - set(state))

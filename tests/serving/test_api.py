@@ -90,6 +90,13 @@ def test_oversized_and_malformed_requests_get_a_clear_4xx(tiny_model: Path, serv
         assert missing.status_code == 422 and any(e["loc"][-1] == "query" for e in missing.json()["detail"])
         empty = client.post("/v1/score", json={"query": "drill", "ads": []})
         assert empty.status_code == 422
+        for body, field in ((score_body("   ", ["t"]), "query"), (score_body("drill", [" \t"]), "title"), (score_body("drill \udfff", ["t"]), "query"), (score_body("drill", ["t \udfff"]), "title")):
+            bad = client.post("/v1/score", content=json.dumps(body), headers={"content-type": "application/json"})  # json.dumps escapes the surrogate as \udfff
+            assert bad.status_code == 422, (body, bad.text)
+            assert any(e["loc"][-1] == field for e in bad.json()["detail"]), bad.text
+        nan = client.post("/v1/score", content=b'{"query": NaN, "ads": [{"ad_id": "a", "title": "t"}]}', headers={"content-type": "application/json"})
+        assert nan.status_code == 422 and nan.json()["detail"][0]["loc"][-1] == "query"
+        assert client.post("/v1/score", json=score_body("drill", ["ok"])).status_code == 200  # the same connection still serves
         assert client.post("/v1/score", json=score_body("drill", ["ok"] * 5)).status_code == 200  # within the limits
         page = client.get("/metrics").text
         assert metric(page, "broadfast_serving_rejected_requests_total", 'status="413"') == 3

@@ -69,3 +69,25 @@ def test_a_failing_forward_fails_only_its_requests(tiny_model: Path) -> None:
         assert isinstance(f_bad.exception(timeout=30), RuntimeError)
     finally:
         batcher.stop()
+
+
+def test_one_bad_request_fails_alone_and_its_batch_neighbours_get_their_own_scores(tiny_model: Path) -> None:
+    model = LiveModel("m", load_student(tiny_model), "x", "m")
+    jobs = jobs_of(6, 4)
+    jobs.insert(3, (["garden hose"], ["t \udfff"]))  # a lone surrogate: the tokenizer raises on it
+    metrics = ServingMetrics()
+    batcher = MicroBatcher(BatchParams(batching=True, max_batch_pairs=256, max_wait_s=0.05, forward_batch=16), metrics)
+    futures = [batcher.submit(model, q, t) for q, t in jobs]  # all queued before the worker runs: one batch
+    batcher.start()
+    try:
+        assert futures[3].exception(timeout=60) is not None
+        for i, (q, t) in enumerate(jobs):
+            if i != 3:
+                np.testing.assert_allclose(futures[i].result(timeout=60), model.student.predict_proba(q, t), atol=1e-5)
+    finally:
+        batcher.stop()
+    page = metrics.render().decode()
+    assert metric(page, "broadfast_serving_batch_requests_count") == 1  # they were batched together
+    assert metric(page, "broadfast_serving_errors_total", 'kind="batch_retried"') == 1
+    assert metric(page, "broadfast_serving_errors_total", 'kind="forward"') == 1  # the culprit alone
+    assert metric(page, "broadfast_serving_pairs_scored_total", 'version="m"') == 24

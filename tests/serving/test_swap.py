@@ -138,3 +138,19 @@ def test_a_checkpoint_that_does_not_match_its_config_is_refused(tiny_model: Path
     with pytest.raises(SwapRefused) as info:
         load_folder(broken, serve_settings)
     assert info.value.stage == "load" and "does not match its config" in info.value.reason
+
+
+def test_a_model_that_scores_everything_alike_fails_the_probe(tiny_model: Path) -> None:
+    import torch
+
+    from serving.models import LiveModel, probe
+    from training.student import load_student
+
+    flat = load_student(tiny_model)
+    with torch.no_grad():
+        flat.head[-1].weight.zero_()  # the head ignores its input: one score for every pair
+    with pytest.raises(SwapRefused) as info:
+        probe(LiveModel("flat", flat, "x", "flat"), None, floor=0.0)
+    assert info.value.stage == "probe" and "same score" in info.value.reason
+    report = probe(LiveModel("ok", load_student(tiny_model), "y", "ok"), None, floor=0.0)  # the tiny random model still ranks
+    assert report["spread"] > 0

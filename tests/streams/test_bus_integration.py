@@ -84,3 +84,28 @@ def test_publishing_an_oversized_event_is_refused(bus_settings: Settings) -> Non
     req = ev.SearchRequest(request_id="r", ts=1.0, user_id="u", query="q", ads=[ev.Ad(ad_id=f"a{i}", title="t" * 100) for i in range(50)])
     with EventBus(small) as bus, pytest.raises(EventValidationError, match="exceeds the limit"):
         bus.publish(req)
+
+
+def test_events_the_broker_never_acknowledged_are_counted_and_replay_reports_them(tmp_path) -> None:
+    """A broker that goes away mid-run: the replay's events are counted as lost, never reported as sent."""
+    from streams.replay import Replayer, plan_requests
+    from streams.stack import EmbeddedStack
+    from tests.streams.test_replay import tiny_pairs
+
+    base = Settings(home=tmp_path, topic_partitions=1, topic_prefix="lost")
+    stack = EmbeddedStack(base)
+    state, _ = stack.up()
+    settings = base.model_copy(update={"kafka_bootstrap": state.env["BROADFAST_KAFKA_BOOTSTRAP"], "kafka_flavor": "tansu"})
+    try:
+        with EventBus(settings) as bus:
+            bus.publish(sample_events()[0])
+            bus.flush(timeout=10)
+            assert (bus.sent, bus.delivered, bus.undelivered, bus.pending) == (1, 1, 0, 0)
+            stack.down()  # the broker goes away; the producer already knows the topics, so sends are accepted and buffered
+            stats = Replayer(bus, seed=1).run(plan_requests(tiny_pairs(), limit=3, seed=1), flush_timeout_s=3)
+            assert stats.requests == 3
+            assert stats.events_lost == bus.sent - 1 > 3  # 3 requests and their clicks: none acknowledged
+            assert stats.events_delivered == 1
+            assert "LOST" in stats.summary()
+    finally:
+        stack.down()

@@ -58,6 +58,8 @@ def _scored_dict() -> dict:
         (lambda d: d.update(surprise=1), "surprise", "Extra inputs"),
         (lambda d: d.update(schema_version=2), "schema_version", "1"),
         (lambda d: d.update(ts=None), "ts", "valid number"),
+        (lambda d: d.update(ts=1e300), "ts", "less than or equal"),  # passed before, then overflowed the feature push
+        (lambda d: d.update(features={"ctr": 1e300}), "features.ctr", "less than or equal"),
     ],
 )
 def test_invalid_field_is_named(mutate, field: str, reason: str) -> None:
@@ -94,6 +96,15 @@ def test_label_embeddings_must_match_perspectives() -> None:
     with pytest.raises(EventValidationError) as info:
         ev.decode("labels", json.dumps(data).encode())
     assert info.value.field == "rationale_embeddings"
+
+
+def test_label_embeddings_finite_in_float64_but_not_float32_are_refused() -> None:
+    data = json.loads(ev.encode(sample_events()[4]))
+    n = len(data["perspectives"])
+    data["rationale_embeddings"] = [[1e39, 0.0]] * n  # finite as a Python float, inf in float32: it poisoned the trainer
+    with pytest.raises(EventValidationError) as info:
+        ev.decode("labels", json.dumps(data).encode())
+    assert info.value.field == "rationale_embeddings" and "within" in info.value.reason
 
 
 def test_pair_id_is_stable_under_normalisation() -> None:

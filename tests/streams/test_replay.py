@@ -35,7 +35,7 @@ class RecordingBus:
     def publish(self, event: ev.Event) -> None:
         self.events.append(event)
 
-    def flush(self) -> None:
+    def flush(self, timeout: float | None = None) -> None:
         pass
 
 

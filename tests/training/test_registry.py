@@ -162,3 +162,11 @@ def test_show_and_list_say_which_teachers_labelled_the_training_data(reg_setting
         assert "teachers=oracle:human-relevance(480),vllm:SmolLM2-135M-Instruct(32)" in listed[1]
     finally:
         settings_module._cached.cache_clear()
+
+
+def test_a_version_without_its_tokenizer_is_refused_at_publish(reg_settings: Settings, model_dir: Path) -> None:
+    reg = Registry(reg_settings)
+    (model_dir / "tokenizer.json").unlink()
+    with pytest.raises(CheckpointError, match="tokenizer.json is missing"):
+        reg.publish(model_dir)
+    assert reg.manifests() == []

@@ -121,3 +121,18 @@ def test_missing_or_foreign_folder_is_refused(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["BertModel"]}))
     with pytest.raises(CheckpointError, match="not a valid student config"):
         load_student(tmp_path)
+
+
+def test_a_folder_without_its_tokenizer_or_with_a_foreign_one_is_refused(tmp_path: Path) -> None:
+    save_student(build_student(StudentConfig.tiny()), tmp_path / "m")
+    load_student(tmp_path / "m")  # whole: loads
+    (tmp_path / "m" / "tokenizer.json").unlink()  # transformers would fall back to a stub tokenizer that scores everything alike
+    with pytest.raises(CheckpointError, match="tokenizer.json is missing"):
+        load_student(tmp_path / "m")
+    save_student(build_student(StudentConfig.tiny()), tmp_path / "n")
+    config = tmp_path / "n" / "config.json"
+    payload = json.loads(config.read_text())
+    payload["student"]["encoder"]["vocab_size"] = 50_000  # an encoder of another vocabulary
+    config.write_text(json.dumps(payload))
+    with pytest.raises(CheckpointError, match="do not belong together"):
+        load_student(tmp_path / "n")
