@@ -380,6 +380,7 @@ class Demo:
             "teacher": self.config.teacher,
             "requests": stats.requests if stats else 0,
             "failed_requests": stats.scoring_failed if stats else 0,
+            "events_lost": stats.events_lost if stats else 0,  # the frontend's requests and clicks the broker never acknowledged
             "pairs_scored": tally.counts.get("scored", 0),
             "hard_cases": tally.counts.get("hardcases", 0),
             "labels": tally.counts.get("labels", 0),

@@ -191,7 +191,7 @@ def render_summary(summary: dict[str, Any]) -> str:
 
     agreement = summary["teacher_student_agreement"]
     lines = [
-        f"requests {summary['requests']:,} ({summary['failed_requests']} failed), pairs scored {summary['pairs_scored']:,}",
+        f"requests {summary['requests']:,} ({summary['failed_requests']} failed, {summary.get('events_lost', 0)} events lost), pairs scored {summary['pairs_scored']:,}",
         f"hard cases {summary['hard_cases']:,}, labels {summary['labels']:,} (perspectives per label: {summary['labels_by_perspectives'] or '—'})",
         f"models published {summary['models_published']}, swaps {summary['swaps']} (versions served: {', '.join(summary['versions_served']) or '—'})",
         f"serving latency p50 {ms(summary['serving_p50_ms'])}, p99 {ms(summary['serving_p99_ms'])}; client p99 {ms(summary['client_p99_ms'])}",

@@ -179,7 +179,7 @@ class Monitor:
         logged and counted, and the loop goes on. Returns the results of the rounds that
         completed (the last 100).
         """
-        from streams.bus import consume, make_consumer
+        from streams.bus import commit, consume, make_consumer
         from streams.deadletter import DeadLetters
 
         consumer = consumer or make_consumer(self.settings, TOPICS, "broadfast-monitor")
@@ -203,7 +203,7 @@ class Monitor:
                     log.info("monitor: no traffic yet on %s; next round in %g s", self.settings.topic("scored"), self.settings.monitor_interval_s)
                     next_round = t + self.settings.monitor_interval_s
                     continue
-                consumer.commit()
+                commit(consumer)
                 attempts += 1
                 try:
                     result = self.run_round(window)

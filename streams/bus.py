@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -152,12 +152,15 @@ def consume(
     max_records: int = 500,
     poll_timeout_ms: int = 1000,
     idle_polls: int | None = None,
+    on_deadletter: Callable[[int, int], None] | None = None,
 ) -> Iterator[Delivery | None]:
     """Poll ``consumer`` forever (or until ``idle_polls`` empty polls in a row).
 
     Yields a :class:`Delivery` for each valid event. An invalid record is sent to the
     dead-letter topic with its reason, source topic, partition and offset, and skipped.
     Yields ``None`` after each empty poll, so the caller can do periodic work and commit.
+    ``on_deadletter(partition, offset)`` tells a caller that tracks its own offsets that a record
+    was dead-lettered, so its next commit covers it (and a restart does not dead-letter it again).
     """
     empty = 0
     while True:
@@ -176,8 +179,29 @@ def consume(
                     event = decode(topic, record.value, max_bytes=settings.max_event_bytes)
                 except EventValidationError as exc:
                     deadletters.send(tp.topic, record.partition, record.offset, str(exc), record.value)
+                    if on_deadletter is not None:
+                        on_deadletter(record.partition, record.offset)
                     continue
                 yield Delivery(event, tp.topic, record.partition, record.offset, record.key)
+
+
+def commit(consumer: Any, offsets: dict[Any, Any] | None = None) -> bool:
+    """Commit the consumer's offsets (``offsets``, else what it has consumed). A commit the group
+    refuses — it rebalanced or forgot this member, as after a broker restart — is logged and
+    reported as False instead of raised: the records are read again (at-least-once; each worker
+    skips what it already did) and the consumer rejoins its group on its next poll.
+    """
+    from kafka.errors import CommitFailedError, KafkaError
+
+    try:
+        if offsets is None:
+            consumer.commit()
+        else:
+            consumer.commit(offsets)
+        return True
+    except (CommitFailedError, KafkaError) as exc:
+        log.warning("offset commit refused (%s: %s): the records since the last commit will be read again after the consumer rejoins", type(exc).__name__, exc)
+        return False
 
 
 def ensure_topics(settings: Settings, partitions: int | None = None, timeout_s: float = 30.0) -> list[str]:

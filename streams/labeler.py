@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from broadfast.settings import Settings
-from streams.bus import EventBus, consume, make_consumer
+from streams.bus import EventBus, commit, consume, make_consumer
 from streams.deadletter import DeadLetters
 from streams.events import HardCase, encode
 from streams.budget import RateReport, release_stale, remove_teacher_rate, write_teacher_rate
@@ -272,7 +272,7 @@ class Labeler:
                     limit = self.call_size()
                     for k in range(0, len(pending), limit):  # each call's labels go out as soon as it returns
                         self.process(pending[k : k + limit])
-                    consumer.commit()  # only after the labels were flushed: at-least-once
+                    commit(consumer)  # only after the labels were flushed: at-least-once (a refused commit: re-read, skipped as labelled)
                     pending = []
                     if on_batch is not None:
                         on_batch(self.stats)
@@ -280,7 +280,7 @@ class Labeler:
                         break
                 elif delivery is None:
                     self.bus.flush()  # dead letters of records that did not validate are written first
-                    consumer.commit()  # then their offsets move on
+                    commit(consumer)  # then their offsets move on
                 if delivery is None:
                     self._renew_rate()  # idle: the teacher's rate still holds
         finally:

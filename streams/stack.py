@@ -259,6 +259,25 @@ class EmbeddedStack:
             raise
         return state, True
 
+    def restart_broker(self, down_s: float = 0.0) -> StackState:
+        """Stop the broker, wait ``down_s``, start it again on the same port (fault tests: what a
+        broker restart does to the clients). The embedded broker keeps its log in memory, so the
+        restarted one starts empty: the topics are created again, committed offsets are gone."""
+        state = self.load()
+        if state is None or "broker" not in state.services:
+            raise StackError("no embedded stack is running (`broadfast stack up`)")
+        old = state.services["broker"]
+        self._stop_services(StackState(state.started_at, {"broker": old}))
+        time.sleep(down_s)
+        state.services["broker"] = self._spawn("broker", old.argv, old.port, Path(old.log_path).parent)
+        self._save(state)
+        self._wait_ready(state)
+        from streams.bus import ensure_topics
+
+        ensure_topics(self.settings.model_copy(update={"kafka_bootstrap": state.env["BROADFAST_KAFKA_BOOTSTRAP"], "kafka_flavor": "tansu"}))
+        log.info("restarted the broker (pid %d) on port %d", state.services["broker"].pid, old.port)
+        return state
+
     def down(self) -> list[str]:
         """Stop the recorded processes; returns what was stopped."""
         state = self.load()

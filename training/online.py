@@ -48,7 +48,7 @@ import pandas as pd
 import torch
 
 from broadfast.settings import Settings
-from streams.events import TeacherLabel, normalize_query
+from streams.events import Alert, TeacherLabel, normalize_query
 from training.gate import Gate, GateConfig, Measured, high_water
 from training.learner import LabelRow, LearnerConfig, OnlineLearner
 from training.student import Student, ad_text, load_student, save_student
@@ -166,6 +166,7 @@ class OnlineTrainer:
         self.lineage = Lineage()  # what the current weights were trained on
         self.champion_lineage = Lineage()
         self.learner: OnlineLearner
+        self.problems: list[str] = []  # what went wrong at start (a checkpoint that could not be resumed): alerts to raise
 
     @property
     def student(self) -> Student:
@@ -185,11 +186,20 @@ class OnlineTrainer:
 
     # -- start ---------------------------------------------------------------------------
     def start(self) -> None:
-        """Resume from the checkpoint (or the one being replaced when a swap was cut short), else start from the registry's champion."""
+        """Resume from the checkpoint (or the one being replaced when a swap was cut short), else start
+        from the registry's champion. A checkpoint that cannot be resumed (corrupt, non-finite weights,
+        a torn file) is skipped with its reason in :attr:`problems` — the trainer still starts."""
         for ckpt in (self.dir / CHECKPOINT, self.dir / (CHECKPOINT + ".old")):
             if (ckpt / STATE_FILE).exists():
-                self._resume(ckpt)
-                return
+                try:
+                    self._resume(ckpt)
+                    return
+                except Exception as exc:  # noqa: BLE001 - CheckpointError, a torn JSON or parquet, a foreign optimizer state
+                    self.problems.append(f"checkpoint {ckpt} cannot be resumed ({type(exc).__name__}: {exc})")
+                    log.error("%s; trying the next", self.problems[-1])
+                    self.offsets, self.rounds, self.labels_trained, self.held_out, self.refused = {}, 0, 0, 0, 0
+        if self.problems:
+            log.warning("starting from the registry's champion instead: the labels trained since it are read again from the committed offsets")
         student, manifest = self.registry.load(device=str(self.device))
         self.learner = OnlineLearner(student, self.learner_config)
         self._adopt_champion(manifest, student)
@@ -350,7 +360,7 @@ def run_online(settings: Settings, *, stop: threading.Event | None = None, max_r
     """The ``broadfast train online`` loop: consume labels, train rounds, publish, commit."""
     from kafka.structs import OffsetAndMetadata, TopicPartition
 
-    from streams.bus import EventBus, consume, make_consumer
+    from streams.bus import EventBus, commit, consume, make_consumer
     from streams.datasets import load_pairs
     from streams.deadletter import DeadLetters
     from training.registry import Registry
@@ -364,10 +374,16 @@ def run_online(settings: Settings, *, stop: threading.Event | None = None, max_r
     topic = settings.topic("labels")
     consumer = make_consumer(settings, ["labels"], group_id="broadfast-trainer", max_poll_records=256)
     with EventBus(settings) as bus:
+        for problem in trainer.problems:
+            bus.publish(Alert(kind="trainer_checkpoint_refused", severity="critical", ts=time.time(), details={"reason": problem[:4000], "started_from": trainer.live_version}))
         letters = DeadLetters(settings, bus, "trainer")
         waiting_since: float | None = time.monotonic() if trainer.buffer.fresh else None  # fresh rows restored from the checkpoint
+        committed = dict(trainer.offsets)  # what the group has committed (as far as this trainer knows)
         try:
-            for delivery in consume(settings, consumer, letters, poll_timeout_ms=500):
+            def passed_over(partition: int, offset: int) -> None:  # dead-lettered: the next commit covers it
+                trainer.offsets[partition] = max(trainer.offsets.get(partition, 0), offset + 1)
+
+            for delivery in consume(settings, consumer, letters, poll_timeout_ms=500, on_deadletter=passed_over):
                 if stop.is_set():
                     break
                 if delivery is not None:
@@ -380,11 +396,17 @@ def run_online(settings: Settings, *, stop: threading.Event | None = None, max_r
                     if trainer.add(row_of(label, delivery.partition, delivery.offset)):
                         waiting_since = waiting_since or time.monotonic()
                 fresh = len(trainer.buffer.fresh)
+                if delivery is None and not fresh and trainer.offsets != committed:
+                    # idle with nothing waiting: what was read since the last round is held out or
+                    # dead-lettered, so its offsets can move on (a restart would dead-letter it again)
+                    committed = dict(trainer.offsets)
+                    commit(consumer, {TopicPartition(topic, p): OffsetAndMetadata(o, "", -1) for p, o in committed.items()})
                 due = fresh >= settings.online_round_labels or (fresh and waiting_since and time.monotonic() - waiting_since >= settings.online_round_wait_s)
                 if due:
                     result = trainer.train_round()
                     waiting_since = time.monotonic() if trainer.buffer.fresh else None
-                    consumer.commit({TopicPartition(topic, p): OffsetAndMetadata(o, "", -1) for p, o in trainer.offsets.items()})
+                    committed = dict(trainer.offsets)
+                    commit(consumer, {TopicPartition(topic, p): OffsetAndMetadata(o, "", -1) for p, o in committed.items()})  # refused: re-read, skipped by the checkpoint's offsets
                     took = ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items() if v >= 0.05)
                     log.info("round %d: %d labels, %d steps, loss %s%s (%s)", result.round, result.labels, result.steps, _fmt(result.loss), f", published {result.published}" if result.published else "", took)
                     if max_rounds is not None and trainer.rounds >= max_rounds:

@@ -191,3 +191,68 @@ def test_the_gate_on_refuses_worse_candidates_computed_for_real_and_never_slides
     last = registry.show(registry.champion())
     assert last.metrics["val_spearman"] >= first - 0.02 - 1e-9
     assert "flipped" not in last.trained_on["teachers"] or any(x.published and x.teachers.get("flipped") for x in results)
+
+
+@pytest.mark.integration
+def test_poisoned_labels_are_dead_lettered_and_a_broken_checkpoint_falls_back_with_an_alert(bus_settings: Settings, tmp_path: Path) -> None:
+    """Labels whose rationale embeddings are finite in float64 but not float32 (1e39) once made every
+    later loss NaN and the NaN weights were checkpointed. Now they are refused at the contract and
+    dead-lettered once, the trainer publishes on; and a checkpoint that cannot be loaded is skipped
+    with an alert — the trainer starts from the champion instead of not starting at all.
+    (The gate is wide open here — tolerance 1 — because this test is about poison and restarts;
+    the gate's own refusals are tested above with the gate on.)"""
+    import json
+    import time
+
+    from training.registry import Registry
+    from training.student import StudentConfig, build_student, save_student
+
+    data = tiny_data(tmp_path)
+    settings = bus_settings.model_copy(update={
+        "home": tmp_path / "home", "online_round_labels": 20, "online_round_wait_s": 1.0, "online_passes": 1, "online_batch_size": 10, "online_replay_fraction": 0.0,
+        "online_publish_every_s": 0.0, "online_gate_tolerance": 1.0, "online_val_share": 0.3, "online_val_pairs": 30, "train_device": "cpu",
+    })  # fmt: skip
+    registry = Registry(settings)
+    registry.publish(save_student(build_student(StudentConfig.tiny()), tmp_path / "v0"), announce=False)
+    import threading
+
+    def run_until(expect_letters: int, expect_models: int) -> object:
+        stop, out = threading.Event(), {}
+        thread = threading.Thread(target=lambda: out.setdefault("trainer", run_online(settings, stop=stop, val_data=data)), daemon=True)
+        thread.start()
+        try:
+            read_topic(settings, "deadletter", expect=expect_letters, timeout_s=60)
+            read_topic(settings, "models", expect=expect_models, timeout_s=60)
+            time.sleep(4.0)  # the last short round (after 1 s) and a few idle polls: the trainer commits what it read
+        finally:
+            stop.set()
+            thread.join(timeout=60)
+        return out["trainer"]
+
+    good = labels_for(data, 0, 80)
+    with EventBus(settings) as bus:
+        for label in good[:40]:
+            bus.publish(label)
+        for label in good[40:]:  # the poison comes last: no later label's commit covers it
+            payload = json.loads(ev.encode(label))
+            payload["rationale_embeddings"] = [[1e39, 0.0, 0.0, 0.0]]  # one per perspective
+            bus.publish_raw("labels", json.dumps(payload).encode(), key=label.pair_id.encode())
+    trainer = run_until(40, 1)
+    assert trainer.rounds >= 1 and trainer.live_version is not None
+    assert registry.show(trainer.live_version).trained_on["labels"] == trainer.labels_trained > 0
+    champion = trainer.live_version
+
+    ckpt = settings.home / "trainer" / "checkpoint"
+    (ckpt / "model.safetensors").write_bytes(b"torn by a crash")
+    with EventBus(settings) as bus:
+        for label in labels_for(data, 80, 60):
+            bus.publish(label)
+    published = len(registry.manifests()) - 1
+    again = run_until(40, published + 1)
+    assert again.problems and "cannot be resumed" in again.problems[0]
+    assert again.rounds >= 1 and again.live_version != champion  # started from the champion, published again
+    alerts = [ev.decode("alerts", r.value) for r in read_topic(settings, "alerts", expect=1)]
+    assert [a.kind for a in alerts] == ["trainer_checkpoint_refused"] and alerts[0].details["started_from"] == champion
+    letters = [ev.decode("deadletter", r.value) for r in read_topic(settings, "deadletter", expect=40, timeout_s=5)]
+    assert all(d.consumer == "trainer" and "rationale_embeddings" in d.error for d in letters)
+    assert len(letters) == 40 == len({(d.partition, d.offset) for d in letters})  # each poisoned label dead-lettered once, across the restart
