@@ -14,12 +14,13 @@ Admin endpoints (``/admin/…``) need ``Authorization: Bearer <BROADFAST_ADMIN_T
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -28,7 +29,9 @@ from typing import Annotated, Any
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from broadfast import __version__
 from broadfast.errors import BroadfastError
@@ -99,9 +102,55 @@ def printable(value: Any) -> Any:
     return value
 
 
+def _no_constants(name: str) -> Any:
+    raise json.JSONDecodeError(f"{name} is not a JSON number (RFC 8259)", name, 0)
+
+
+class StrictJSONRequest(Request):
+    """A request whose JSON body refuses ``NaN``, ``Infinity`` and ``-Infinity`` anywhere in it
+    (Python's parser accepts them; they are not JSON, and no score or event may hold one)."""
+
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            self._json = json.loads(await self.body(), parse_constant=_no_constants)
+        return self._json
+
+
+class StrictJSONRoute(APIRoute):
+    """Routes that parse bodies with :class:`StrictJSONRequest` (a refused constant is a 422)."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def strict(request: Request) -> Response:
+            return await handler(StrictJSONRequest(request.scope, request.receive))
+
+        return strict
+
+
+def body_error(exc: Any) -> Any:
+    """An HTTP error's detail, made specific where FastAPI's is vague: a body it could not parse
+    (``exc.__cause__``: bytes that are not UTF-8, JSON nested too deeply)."""
+    cause = exc.__cause__
+    if exc.status_code != 400 or cause is None:
+        return exc.detail
+    if isinstance(cause, UnicodeDecodeError):
+        return f"the request body is not valid UTF-8 ({cause.reason} at byte {cause.start})"
+    if isinstance(cause, RecursionError):
+        return "the request body's JSON is nested too deeply to parse"
+    return f"the request body could not be parsed ({type(cause).__name__}: {cause})"
+
+
 def validation_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
     """The request's field errors without echoing its input (which may not be encodable as JSON)."""
-    return [{"loc": [printable(part) for part in err.get("loc", ())], "msg": printable(str(err.get("msg", ""))), "type": printable(str(err.get("type", "")))} for err in exc.errors()]
+    out = []
+    for err in exc.errors():
+        msg = str(err.get("msg", ""))
+        why = (err.get("ctx") or {}).get("error")
+        if err.get("type") == "json_invalid" and why:
+            msg = f"{msg}: {why}"
+        out.append({"loc": [printable(part) for part in err.get("loc", ())], "msg": printable(msg), "type": printable(str(err.get("type", "")))})
+    return out
 
 
 class ScoreResult(BaseModel):
@@ -184,6 +233,7 @@ def create_app(settings: Settings, model_dir: Path | None = None, *, engine: Eng
 
     app = FastAPI(title="broadfast scoring API", version=__version__, lifespan=lifespan,
                   description="Scores query–ad pairs with the live student; A/B rollouts and hot swaps behind it.")  # fmt: skip
+    app.router.route_class = StrictJSONRoute  # every route declared below parses strict JSON
     app.state.engine = engine
     app.add_middleware(BodyLimit, limit=settings.serve_max_body_bytes, metrics=engine.metrics)
     metrics = engine.metrics
@@ -191,6 +241,12 @@ def create_app(settings: Settings, model_dir: Path | None = None, *, engine: Eng
     def reject(status: int, detail: str) -> HTTPException:
         metrics.rejected.labels(str(status)).inc()
         return HTTPException(status_code=status, detail=detail)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.__cause__ is not None and exc.status_code == 400:  # a body that could not be parsed (reject() counts its own)
+            metrics.rejected.labels("400").inc()
+        return JSONResponse({"detail": printable(body_error(exc))}, status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def _invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -36,6 +36,7 @@ MAX_TS = 4_102_444_800.0  # 2100-01-01: an event time past it is an error, not a
 Timestamp = Annotated[float, Field(ge=0, le=MAX_TS, allow_inf_nan=False)]
 FEATURE_BOUND = 1e12  # a feature value beyond it is an error (and no float32 feature store overflows on it)
 Finite = Annotated[float, Field(ge=-FEATURE_BOUND, le=FEATURE_BOUND, allow_inf_nan=False)]
+MAX_ADS = 1000  # ads in one search request (so a position is below it)
 EMBEDDING_BOUND = 100.0  # rationale embeddings are unit vectors; a coordinate beyond it poisons training (1e39 is inf in float32)
 
 
@@ -105,7 +106,7 @@ class SearchRequest(Event):
     ts: Timestamp
     user_id: NonEmpty
     query: NonEmpty
-    ads: list[Ad] = Field(min_length=1, max_length=1000)
+    ads: list[Ad] = Field(min_length=1, max_length=MAX_ADS)
 
 
 class Scored(Event):
@@ -117,13 +118,13 @@ class Scored(Event):
     query: NonEmpty
     ad_id: NonEmpty
     ad_title: Text
-    position: int = Field(ge=0)
+    position: int = Field(ge=0, lt=MAX_ADS)
     score: float = Field(ge=0.0, le=1.0, allow_inf_nan=False)
     grade_probs: Probs
     model_version: NonEmpty
     arm: Literal["champion", "challenger"] = "champion"
     experiment_id: str | None = None
-    latency_ms: float = Field(ge=0.0, allow_inf_nan=False)
+    latency_ms: float = Field(ge=0.0, le=3_600_000.0, allow_inf_nan=False)
     user_id: str | None = None
     features: dict[str, Finite] = Field(default_factory=dict)
 
@@ -138,7 +139,7 @@ class Click(Event):
     ts: Timestamp
     query: NonEmpty
     ad_id: NonEmpty
-    position: int = Field(ge=0)
+    position: int = Field(ge=0, lt=MAX_ADS)
     clicked: bool
     user_id: str | None = None
 
@@ -255,7 +256,7 @@ class ModelPublished(Event):
     parent_version: str | None = None
     uri: NonEmpty
     sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
-    metrics: dict[str, float] = Field(default_factory=dict)
+    metrics: dict[str, Finite] = Field(default_factory=dict)
     trained_on: dict[str, Any] = Field(default_factory=dict)
     ts: Timestamp
 

@@ -303,6 +303,7 @@ class OnlineTrainer:
         }
         metrics = {f"val_{k}": v for k, v in candidate.metrics.items() if np.isfinite(v)}
         metrics |= {"gate_delta": verdict.delta, "gate_delta_lo": verdict.interval[0], "gate_delta_hi": verdict.interval[1], "gate_floor": verdict.floor, "gate_best": best}
+        metrics = {k: float(v) for k, v in metrics.items() if np.isfinite(v)}  # the announcement's contract holds finite numbers only
         with tempfile.TemporaryDirectory(prefix="broadfast-online-") as tmp:
             folder = save_student(self.learner.model, Path(tmp) / "model")
             manifest = self.registry.publish(folder, parent=self.live_version, metrics=metrics, trained_on=trained_on, champion=True)

@@ -216,7 +216,8 @@ class Registry:
 
         event = ModelPublished(
             name=manifest.name, version=manifest.version, parent_version=manifest.parent, uri=manifest.uri,
-            sha256=manifest.sha256, metrics=manifest.metrics, trained_on=manifest.trained_on, ts=manifest.created_at,
+            sha256=manifest.sha256, metrics={k: v for k, v in manifest.metrics.items() if math.isfinite(v)},  # the contract holds finite numbers
+            trained_on=manifest.trained_on, ts=manifest.created_at,
         )  # fmt: skip
         from kafka.errors import KafkaError
 

@@ -324,7 +324,7 @@ def load_student(directory: str | Path, device: str | torch.device | None = None
     """Load a model folder, refusing a corrupt or mismatched checkpoint with :class:`CheckpointError`.
 
     Checks: the config parses; the safetensors file reads; ``tokenizer.json`` is there and the
-    tokenizer's vocabulary is the encoder's; its tensors are exactly the ones the config's
+    tokenizer's vocabulary is the encoder's; ``max_length`` fits the position table; its tensors are exactly the ones the config's
     architecture has, with the same shapes; every weight is finite.
     """
     from safetensors import SafetensorError
@@ -345,6 +345,9 @@ def load_student(directory: str | Path, device: str | torch.device | None = None
         tokenizer = load_tokenizer(directory)
     except Exception as exc:  # noqa: BLE001 - tokenizer loaders raise many types
         raise CheckpointError(f"{directory}: the tokenizer files cannot be loaded: {exc}") from None
+    positions = int(config.encoder.get("max_position_embeddings", 0))
+    if positions and config.max_length > positions:
+        raise CheckpointError(f"{directory}: max_length {config.max_length} exceeds the encoder's {positions} positions")
     vocab = int(config.encoder.get("vocab_size", 0))
     if len(tokenizer) != vocab:
         raise CheckpointError(f"{directory}: the tokenizer has {len(tokenizer):,} tokens but the encoder's vocabulary {vocab:,}: they do not belong together")

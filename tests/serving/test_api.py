@@ -95,7 +95,7 @@ def test_oversized_and_malformed_requests_get_a_clear_4xx(tiny_model: Path, serv
             assert bad.status_code == 422, (body, bad.text)
             assert any(e["loc"][-1] == field for e in bad.json()["detail"]), bad.text
         nan = client.post("/v1/score", content=b'{"query": NaN, "ads": [{"ad_id": "a", "title": "t"}]}', headers={"content-type": "application/json"})
-        assert nan.status_code == 422 and nan.json()["detail"][0]["loc"][-1] == "query"
+        assert nan.status_code == 422 and "NaN is not a JSON number" in nan.json()["detail"][0]["msg"]
         assert client.post("/v1/score", json=score_body("drill", ["ok"])).status_code == 200  # the same connection still serves
         assert client.post("/v1/score", json=score_body("drill", ["ok"] * 5)).status_code == 200  # within the limits
         page = client.get("/metrics").text
