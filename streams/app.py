@@ -8,7 +8,10 @@ Two agents, each taking batches of up to ``stream_batch_size`` raw records:
 
 After each batch the touched ad/query counters are pushed to the Feast online store
 (``ad_counters_push`` / ``query_counters_push``). A record that does not decode goes to the
-dead-letter topic and the batch goes on. faust acknowledges a batch only after it was
+dead-letter topic (once, not once per retry) and the batch goes on. A batch that fails is retried
+(``BATCH_ATTEMPTS``), then its records are processed one by one: one that fails on its own is
+dead-lettered with its reason and its neighbours go on; when every record fails, the fault is not
+theirs, and the worker exits (status ``EXIT_STUCK``) before faust can commit past the batch. faust acknowledges a batch only after it was
 processed and its hard cases were flushed to the broker, so the worker is at least once;
 the counters are exactly once on top of that (per-partition high-water marks, see
 :mod:`streams.counters`), and a replayed hard case is re-sent, never lost.
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -36,11 +40,13 @@ from typing import Any
 
 from broadfast.errors import BroadfastError, EventValidationError
 from broadfast.settings import Settings
-from streams.events import Event, decode
+from streams.events import Event, decode, encode
 
 log = logging.getLogger(__name__)
 
 CONSUMER_NAME = "stream"
+BATCH_ATTEMPTS = 5  # tries of a failing batch (0.5 s, 1 s, 2 s, 4 s apart) before its records are tried one by one
+EXIT_STUCK = 75  # the worker's exit status when a batch cannot be processed at all (EX_TEMPFAIL: restart it later)
 
 
 def faust_app_id(settings: Settings) -> str:
@@ -147,7 +153,32 @@ class StreamProcessor:
 
     def process(self, short_topic: str, records: Sequence[tuple[str, int, int, bytes | None]]) -> None:
         """Process one batch of raw records of ``scored`` or ``clicks`` (in partition order)."""
-        items = self.decode_batch(short_topic, records)
+        self.process_items(short_topic, self.decode_batch(short_topic, records))
+
+    def isolate(self, short_topic: str, items: list[tuple[Event, Any]]) -> int:
+        """A batch that kept failing, one record at a time: when some records go through, those that
+        fail alone are theirs to blame — each is dead-lettered once with its reason and the rest go
+        on. When none goes through, the fault is not in the records (Redis or Feast down): nothing is
+        dead-lettered and the last error is raised. Returns how many records were dead-lettered."""
+        failed: list[tuple[Event, Any, Exception]] = []
+        for event, source in items:
+            try:
+                self.process_items(short_topic, [(event, source)])
+            except BroadfastError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - judged below
+                failed.append((event, source, exc))
+        if failed and len(failed) == len(items):
+            raise failed[-1][2]
+        for event, source, exc in failed:
+            log.error("%s record %s[%d]@%d fails on its own (%s: %s): dead-lettered", short_topic, source.topic, source.partition, source.offset, type(exc).__name__, exc)
+            self.deadletters.send(source.topic, source.partition, source.offset, f"processing failed: {type(exc).__name__}: {exc}", encode(event))
+            self.stats.deadletters += 1
+        self.bus.flush()
+        return len(failed)
+
+    def process_items(self, short_topic: str, items: list[tuple[Event, Any]]) -> None:
+        """Process decoded records (see :meth:`decode_batch`): sample hard cases, count, push features."""
         self.stats.batches += 1
         sent = []
         if short_topic == "scored":
@@ -201,20 +232,25 @@ def create_app(settings: Settings, processor: StreamProcessor | None = None) -> 
     async def run_batch(short_topic: str, events: Sequence[Any]) -> None:
         records = [(e.message.topic, e.message.partition, e.message.offset, e.message.value) for e in events]
         loop = asyncio.get_running_loop()
+        items = await loop.run_in_executor(executor, proc().decode_batch, short_topic, records)  # invalid records: dead-lettered once, not per retry
         delay = 0.5
-        for attempt in range(1, 6):
+        for attempt in range(1, BATCH_ATTEMPTS + 1):
             try:
-                await loop.run_in_executor(executor, proc().process, short_topic, records)
+                await loop.run_in_executor(executor, proc().process_items, short_topic, items)
                 return
             except BroadfastError:
                 raise
-            except Exception as exc:
-                if attempt == 5:
-                    log.exception("batch of %d %s records failed %d times: stopping the worker (offsets not committed)", len(records), short_topic, attempt)
-                    raise
-                log.warning("batch of %d %s records failed (%s): retry %d in %.1f s", len(records), short_topic, exc, attempt, delay)
-                await asyncio.sleep(delay)
-                delay *= 2
+            except Exception as exc:  # noqa: BLE001 - retried, then isolated
+                log.warning("batch of %d %s records failed (%s): %s", len(items), short_topic, exc, f"retry {attempt} in {delay:.1f} s" if attempt < BATCH_ATTEMPTS else "processing its records one by one")
+                if attempt < BATCH_ATTEMPTS:
+                    await asyncio.sleep(delay)
+                    delay *= 2
+        try:
+            await loop.run_in_executor(executor, proc().isolate, short_topic, items)
+        except Exception:  # noqa: BLE001 - not the records' fault: stop for real, before faust commits past them
+            log.exception("batch of %d %s records failed %d times and every record fails on its own: stopping the worker now (exit %d); its offsets are not committed, so a restarted worker reads the batch again", len(items), short_topic, BATCH_ATTEMPTS, EXIT_STUCK)
+            logging.shutdown()
+            os._exit(EXIT_STUCK)
 
     def agent_for(short_topic: str) -> None:
         topic = app.topic(settings.topic(short_topic), value_serializer="raw", key_serializer="raw")

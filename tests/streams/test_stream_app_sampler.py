@@ -165,6 +165,39 @@ def test_malformed_records_go_to_dead_letters_and_the_batch_goes_on(make_process
     assert p.stats.counted == 1
 
 
+def test_a_record_that_fails_on_its_own_is_dead_lettered_once_and_its_neighbours_go_on(make_processor) -> None:
+    """Fault injection: the real counters raise for one ad (as a poison record would). Processed one
+    by one, the other records are counted and the culprit alone is dead-lettered with its reason;
+    when every record fails (Redis down, say) nothing is dead-lettered and the error is raised."""
+    p = make_processor()
+    s = p.settings
+    batch = records(s, "scored", [scored(i, "drill", f"a{i}", SURE_NO) for i in range(5)], start=20)
+    items = p.decode_batch("scored", batch)
+    apply = p.counters.apply
+
+    def poisoned(its):
+        if any(event.ad_id == "a2" for event, _ in its):
+            raise OverflowError("the injected fault")
+        return apply(its)
+
+    p.counters.apply = poisoned
+    with pytest.raises(OverflowError):
+        p.process_items("scored", items)  # the batch fails as a whole
+    assert p.isolate("scored", items) == 1
+    [letter] = [decode("deadletter", r.value) for r in read_topic(s, "deadletter", expect=1)]
+    assert (letter.offset, letter.consumer) == (22, "stream") and "processing failed: OverflowError: the injected fault" in letter.error
+    assert decode("scored", letter.payload.encode()).ad_id == "a2"  # the record is kept
+    assert p.stats.counted == 4
+
+    def down(its):
+        raise ConnectionError("redis is down")
+
+    p.counters.apply = down
+    with pytest.raises(ConnectionError):
+        p.isolate("scored", p.decode_batch("scored", records(s, "scored", [scored(9, "drill", "b1", SURE_NO), scored(10, "drill", "b2", SURE_NO)], start=40)))
+    assert len(read_topic(s, "deadletter", expect=2, timeout_s=3)) == 1  # not the records' fault: none dead-lettered
+
+
 def test_the_budget_is_shared_by_concurrent_workers(bus_settings) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
