@@ -357,6 +357,18 @@ def _fmt(metrics: dict[str, float]) -> str:
     return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k not in ("pairs", "queries"))
 
 
+def log_restarted(consumer: Any, trainer: OnlineTrainer, tp: Any) -> None:
+    """A record below the offsets this trainer has read is normally one it already trained on (a
+    crash between checkpoint and commit). But when the partition now ends below them, its log was
+    lost (a broker that kept it in memory restarted, the topic was recreated): read it from the start
+    instead of skipping every new label until the old offsets come round again."""
+    end = consumer.end_offsets([tp]).get(tp)
+    seen = trainer.offsets.get(tp.partition, 0)
+    if end is not None and end < seen:
+        log.warning("labels partition %d ends at offset %d, below the %d this trainer had read: its log was lost (broker restarted or topic recreated); reading it from the start", tp.partition, end, seen)
+        trainer.offsets[tp.partition] = 0
+
+
 def run_online(settings: Settings, *, stop: threading.Event | None = None, max_rounds: int | None = None, val_data: Path | None = None) -> OnlineTrainer:
     """The ``broadfast train online`` loop: consume labels, train rounds, publish, commit."""
     from kafka.structs import OffsetAndMetadata, TopicPartition
@@ -394,6 +406,8 @@ def run_online(settings: Settings, *, stop: threading.Event | None = None, max_r
                         letters.send(delivery.topic, delivery.partition, delivery.offset, "label carries no ad text: nothing to train on", label.model_dump_json())
                         trainer.offsets[delivery.partition] = delivery.offset + 1
                         continue
+                    if delivery.offset < trainer.offsets.get(delivery.partition, 0):
+                        log_restarted(consumer, trainer, TopicPartition(delivery.topic, delivery.partition))
                     if trainer.add(row_of(label, delivery.partition, delivery.offset)):
                         waiting_since = waiting_since or time.monotonic()
                 fresh = len(trainer.buffer.fresh)
