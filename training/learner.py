@@ -47,7 +47,7 @@ import pandas as pd
 import torch
 
 from training.distill import TrainConfig, make_optimizer
-from training.losses import LossConfig
+from training.losses import LossConfig, lrkd_loss
 from training.step import Schedule, lr_scale, set_lr, train_step
 from training.student import Student, pad_batch
 
@@ -109,6 +109,11 @@ class ReplayBuffer:
                 j = int(self.rng.integers(0, self.seen))
                 if j < self.capacity:
                     self.reservoir[j] = row
+
+    def drop(self, rows: list[LabelRow]) -> None:
+        """Take ``rows`` out of the reservoir (labels found poisonous are never replayed)."""
+        bad = {id(r) for r in rows}
+        self.reservoir = [r for r in self.reservoir if id(r) not in bad]
 
     def retire_fresh(self) -> None:
         self.retire(self.fresh)
@@ -173,6 +178,7 @@ class LearnStats:
     skipped: int
     loss: dict[str, float]
     teachers: dict[str, int]
+    rejected: list[LabelRow] = field(default_factory=list)  # fresh rows whose own loss is not finite: never trained on, never replayed
 
 
 class OnlineLearner:
@@ -240,6 +246,7 @@ class OnlineLearner:
         steps = math.ceil(len(order) / n_fresh) if order else 0
         parts: dict[str, float] = {}
         skipped = 0
+        rejected: list[LabelRow] = []
         for k in range(steps):
             batch_rows = order[k * n_fresh : (k + 1) * n_fresh] + self.buffer.replay(n_replay)
             set_lr(self.opt, lr_scale(self.steps, cfg.warmup_steps, cfg.schedule, cfg.lr_floor))
@@ -247,12 +254,29 @@ class OnlineLearner:
             self.steps += 1
             if out is None:
                 skipped += 1
+                rejected += [r for r in self.culprits(batch_rows) if r not in rejected]
             else:
                 parts = out
                 self._update_average()
         self.skipped += skipped
-        self.buffer.retire(rows)
-        return LearnStats(len(rows), steps, skipped, parts, dict(Counter(r.teacher_id for r in rows)))
+        if rejected:
+            self.buffer.drop(rejected)
+        self.buffer.retire([r for r in rows if r not in rejected])
+        return LearnStats(len(rows), steps, skipped, parts, dict(Counter(r.teacher_id for r in rows)), rejected)
+
+    @torch.no_grad()
+    def culprits(self, rows: list[LabelRow]) -> list[LabelRow]:
+        """The rows of a skipped step whose own loss is not finite (each scored alone): the labels
+        that poisoned it. A step skipped for a non-finite *gradient* with finite losses names none."""
+        self.student.eval()
+        out = []
+        for row in rows:
+            batch = self.to_batch([row])
+            pred = self.student(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+            total, _ = lrkd_loss(pred, batch["teacher_probs"], batch["grades"], batch.get("rationale"), batch.get("has_rationale"), self.config.loss, weights=batch.get("weights"))
+            if not torch.isfinite(total):
+                out.append(row)
+        return out
 
     def predict_proba(self, queries: list[str], texts: list[str], batch_size: int = 64) -> np.ndarray:
         return self.model.predict_proba(queries, texts, batch_size=batch_size)

@@ -39,7 +39,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +110,7 @@ class RoundResult:
     refused: str | None = None
     reverted_to: str | None = None
     teachers: dict[str, int] = field(default_factory=dict)
+    rejected: list[LabelRow] = field(default_factory=list)  # labels whose own loss was not finite: dead-lettered, never trained on
     seconds: dict[str, float] = field(default_factory=dict)  # where the round's time went: train, gate (measure, judge, publish), checkpoint
 
 
@@ -266,7 +267,7 @@ class OnlineTrainer:
         self.labels_trained += stats.labels
         self.lineage.add(rows)
         self.rounds += 1
-        result = RoundResult(self.rounds, stats.labels, stats.steps, stats.loss, stats.skipped, teachers=stats.teachers)
+        result = RoundResult(self.rounds, stats.labels, stats.steps, stats.loss, stats.skipped, teachers=stats.teachers, rejected=stats.rejected)
         if stats.skipped:
             log.warning("round %d: %d of %d steps skipped (non-finite loss or gradient)", self.rounds, stats.skipped, stats.steps)
         if time.time() - self.last_gate >= s.online_publish_every_s:
@@ -420,6 +421,10 @@ def run_online(settings: Settings, *, stop: threading.Event | None = None, max_r
                 if due:
                     result = trainer.train_round()
                     waiting_since = time.monotonic() if trainer.buffer.fresh else None
+                    for row in result.rejected:  # before the commit: a crash re-reads them rather than losing them
+                        letters.send(topic, row.partition, row.offset, "its training loss is not finite: the step that held it was skipped and the label is never trained on or replayed", json.dumps(asdict(row), default=str))
+                    if result.rejected:
+                        bus.flush()
                     committed = dict(trainer.offsets)
                     commit(consumer, {TopicPartition(topic, p): OffsetAndMetadata(o, "", -1) for p, o in committed.items()})  # refused: re-read, skipped by the checkpoint's offsets
                     took = ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items() if v >= 0.05)

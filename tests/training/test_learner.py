@@ -91,3 +91,15 @@ def test_a_non_finite_label_skips_its_step_and_never_reaches_the_weights() -> No
     assert stats.skipped == stats.steps == 1
     after = learner.student.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_the_labels_that_poison_a_step_are_named_and_never_replayed() -> None:
+    learner = OnlineLearner(build_student(StudentConfig.tiny()), LearnerConfig(passes=1, batch_size=8, replay_fraction=0.0, seed=0))
+    rows = rows_of(learnable_pairs(4, seed=5))[:6]
+    poison = [LabelRow(pair_id=f"bad{i}", query="q", text="t", probs=[float("nan"), 0.5, 0.5], offset=100 + i) for i in range(2)]
+    stats = learner.learn_many(rows + poison)  # one step of 8: skipped, because of the two
+    assert stats.skipped == stats.steps == 1
+    assert sorted(r.pair_id for r in stats.rejected) == ["bad0", "bad1"]  # only the poisonous ones are blamed
+    assert all(r.pair_id.startswith("bad") is False for r in learner.buffer.reservoir) and len(learner.buffer.reservoir) == 6
+    again = learner.learn_many(rows_of(learnable_pairs(2, seed=6))[:8])  # the next round trains: nothing poisoned is replayed
+    assert again.skipped == 0 and not again.rejected
