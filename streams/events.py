@@ -30,7 +30,9 @@ SCHEMA_VERSION = 1
 GRADES = ("irrelevant", "partial", "exact")
 PROB_TOLERANCE = 1e-3
 
-NonEmpty = Annotated[str, Field(min_length=1, max_length=4096)]
+NonEmpty = Annotated[str, Field(min_length=1, max_length=4096, pattern=r"\S")]  # at least one character that is not whitespace
+ShortId = Annotated[str, Field(min_length=1, max_length=256, pattern=r"\S")]  # a user, experiment or parent id
+VersionName = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]  # a model name or version: never a path
 Text = Annotated[str, Field(max_length=100_000)]
 MAX_TS = 4_102_444_800.0  # 2100-01-01: an event time past it is an error, not a date (and overflows what consumes it)
 Timestamp = Annotated[float, Field(ge=0, le=MAX_TS, allow_inf_nan=False)]
@@ -123,9 +125,9 @@ class Scored(Event):
     grade_probs: Probs
     model_version: NonEmpty
     arm: Literal["champion", "challenger"] = "champion"
-    experiment_id: str | None = None
+    experiment_id: ShortId | None = None
     latency_ms: float = Field(ge=0.0, le=3_600_000.0, allow_inf_nan=False)
-    user_id: str | None = None
+    user_id: ShortId | None = None
     features: dict[str, Finite] = Field(default_factory=dict)
 
     _probs = field_validator("grade_probs")(_check_probs)
@@ -141,7 +143,7 @@ class Click(Event):
     ad_id: NonEmpty
     position: int = Field(ge=0, lt=MAX_ADS)
     clicked: bool
-    user_id: str | None = None
+    user_id: ShortId | None = None
 
 
 class HardCase(Event):
@@ -251,9 +253,9 @@ class ModelPublished(Event):
     """A new student version in the registry (``relevance.models``, key: model name)."""
 
     topic_name: ClassVar[str] = "models"
-    name: NonEmpty = "student"
-    version: NonEmpty
-    parent_version: str | None = None
+    name: VersionName = "student"
+    version: VersionName
+    parent_version: VersionName | None = None
     uri: NonEmpty
     sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
     metrics: dict[str, Finite] = Field(default_factory=dict)
