@@ -19,6 +19,12 @@ Every event is JSON (UTF-8) with `schema_version: 1`. Decoding is strict: unknow
 number is due, `1` for `true`, a probability vector that does not sum to 1 (±0.001), or a payload over
 `BROADFAST_MAX_EVENT_BYTES` are refused with `EventValidationError(event, field, reason)`; consumers send
 such records to `relevance.deadletter` with the reason, source topic, partition and offset, and go on.
+Numbers are bounded and finite in the precision they are used in: timestamps within [0, 2100-01-01],
+feature values and model metrics within ±1e12, rationale embedding coordinates within ±100 (they are
+unit vectors; 1e39 is finite in float64 but infinite in float32), positions below 1000, latency at most
+an hour; ids and queries hold a non-whitespace character; model names and versions are names, never
+paths. `tests/hostile/events.jsonl` (95 hostile payloads) is dead-lettered once each, with its reason, by
+`tests/streams/test_hostile_events.py`.
 
 `pair_id` = blake2b-80 of the normalised query (lower case, trimmed, inner whitespace collapsed) and the ad
 id (`streams.events.pair_id`). A score is P(exact) + ½·P(partial) (`score_from_probs`).
