@@ -112,7 +112,7 @@ class StreamProcessor:
     def __init__(self, settings: Settings, bus: Any | None = None, redis_client: Any | None = None, feature_store: Any | None = None) -> None:
         import redis
 
-        from streams.bus import EventBus
+        from streams.bus import EventBus, TopicIds
         from streams.counters import StreamCounters
         from streams.deadletter import DeadLetters
         from streams.sampler import HardCaseSampler
@@ -123,6 +123,7 @@ class StreamProcessor:
         self.deadletters = DeadLetters(settings, self.bus, CONSUMER_NAME)
         self.sampler = HardCaseSampler(settings, self.redis)
         self.counters = StreamCounters(settings, self.redis)
+        self.topic_ids = TopicIds(settings)
         self.store = feature_store
         if self.store is None and settings.stream_push_features:
             from features.errors import FeatureStoreError
@@ -197,6 +198,11 @@ class StreamProcessor:
         if failed:  # the batch is retried (its claims make the retry re-send, not drop, the cases)
             raise RuntimeError(f"{len(failed)} hard case(s) could not be written: {failed[0]}")
         t0 = time.perf_counter()
+        lowest: dict[tuple[str, int], int] = {}
+        for _, src in items:
+            lowest[(src.topic, src.partition)] = min(lowest.get((src.topic, src.partition), src.offset), src.offset)
+        for forgotten in self.counters.check_incarnations(lowest, self.topic_ids.get):
+            log.warning("%s was created again (a new topic id: the broker restarted empty, or the topic was recreated): its events are counted from a new high-water mark, not skipped as replays", forgotten)
         applied, touched = self.counters.apply(items)
         self.stats.counted += applied
         t1 = time.perf_counter()
@@ -210,6 +216,7 @@ class StreamProcessor:
     def close(self) -> None:
         try:
             self.bus.close()
+            self.topic_ids.close()
         finally:
             self.redis.close()
 

@@ -139,6 +139,28 @@ def make_consumer(settings: Settings, topics: Iterable[str], group_id: str | Non
         raise StackError(f"no Kafka broker answers at {settings.kafka_bootstrap} (is the stack up? `broadfast stack up`)") from exc
 
 
+class TopicIds:
+    """The broker's id of each topic (a UUID, KIP-516), asked fresh on every call. A topic that was
+    deleted and created again — or an embedded broker that restarted empty — has a new id, so
+    offsets remembered under the old id no longer describe its log."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._admin: Any | None = None
+
+    def get(self, full_topics: Iterable[str]) -> dict[str, str]:
+        from kafka.admin import KafkaAdminClient
+
+        if self._admin is None:
+            self._admin = KafkaAdminClient(**self.settings.kafka_common_config())
+        return {t["name"]: str(t["topic_id"]) for t in self._admin.describe_topics(list(full_topics)) if t.get("topic_id") and not t.get("error_code")}
+
+    def close(self) -> None:
+        if self._admin is not None:
+            self._admin.close()
+            self._admin = None
+
+
 def short_name(settings: Settings, full_topic: str) -> str:
     prefix = settings.topic_prefix + "."
     return full_topic[len(prefix) :] if full_topic.startswith(prefix) else full_topic

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -110,6 +110,7 @@ class StreamCounters:
         self.client = client
         self.window_s = settings.stream_counter_window_s
         self._hwm = stream_key(settings, "hwm")
+        self._ids = stream_key(settings, "hwm_topic_id")  # the topic id each mark was set under
         self._script = client.register_script(_APPLY)
 
     def counter_key(self, window: int) -> str:
@@ -154,6 +155,32 @@ class StreamCounters:
         for ((kind, ent), _), values in zip(items, pipe.execute()):
             out[(kind, ent)] = CounterValues(*(int(v) if v is not None else 0 for v in values))
         return out
+
+    def check_incarnations(self, lowest: dict[tuple[str, int], int], topic_ids: Callable[[list[str]], dict[str, str]]) -> list[str]:
+        """Forget the high-water marks of partitions whose topic is not the one they were set on.
+
+        ``lowest``: the lowest offset per (topic, partition) of the batch about to be applied. A
+        partition is checked when its topic's id was never recorded, or when the batch reaches at or
+        below its mark — a replay after a crash, or a log that starts again from 0 (a recreated topic,
+        an embedded broker that restarted empty). ``topic_ids`` asks the broker. Returns the
+        ``topic:partition`` marks forgotten (their events are counted, not skipped as replays).
+        """
+        marks = self.high_water_marks()
+        known = {k.decode(): v.decode() for k, v in self.client.hgetall(self._ids).items()}
+        check = [(t, p) for (t, p), low in lowest.items() if f"{t}:{p}" not in known or low <= marks.get(f"{t}:{p}", -1)]
+        if not check:
+            return []
+        ids = topic_ids(sorted({t for t, _ in check}))
+        forgotten = []
+        for topic, partition in check:
+            field, now = f"{topic}:{partition}", ids.get(topic)
+            if now is None:
+                continue
+            if field in known and known[field] != now:
+                self.client.hdel(self._hwm, field)
+                forgotten.append(field)
+            self.client.hset(self._ids, field, now)
+        return forgotten
 
     def high_water_marks(self) -> dict[str, int]:
         return {k.decode(): int(v) for k, v in self.client.hgetall(self._hwm).items()}

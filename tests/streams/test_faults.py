@@ -85,10 +85,6 @@ def test_scoring_goes_on_across_a_broker_restart_and_every_scored_event_is_accou
     assert len(after) <= sent
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "the worker rejoins and processes the new events (their hard cases reach the new broker), but the stream counters skip them: "
-    "the Redis high-water mark of restart.scored:0 stays at the old broker's offset (9) and the empty broker numbers the new events "
-    "from 0 again, so StreamCounters.apply counts them as replays (the marks are keyed by topic:partition, not by the topic's incarnation)"))
 def test_the_stream_worker_survives_a_broker_restart_and_counts_what_comes_after(own_stack: tuple[EmbeddedStack, Settings], tmp_path: Path) -> None:  # noqa: F811
     stack, base = own_stack
     settings = base.model_copy(
