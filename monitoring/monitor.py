@@ -43,7 +43,7 @@ from monitoring.workspace import (
     save_reference,
     save_snapshot,
 )
-from streams.events import Alert, now
+from streams.events import Alert, finite_or_null, now
 
 log = logging.getLogger(__name__)
 
@@ -129,12 +129,12 @@ class Monitor:
                 Alert(
                     kind="drift",
                     severity="warning",
-                    details={
+                    details=finite_or_null({
                         "model_version": version,
                         "drifted_columns": report.summary["drifted_columns"],
                         "drifted_share": report.summary["drifted_share"],
                         "report": str(result.out_dir / "drift" / "drift.html"),
-                    },
+                    }),
                     ts=now(),
                 )
             )
@@ -164,9 +164,9 @@ class Monitor:
                 except ExperimentError as exc:  # ended meanwhile (an operator was faster)
                     result.notes.append(f"rollback not needed: {exc}")
             details["rolled_back"] = result.rolled_back
-            result.alerts.append(Alert(kind="guardrail", severity="critical", details=details | {"guardrails": ab.guardrails}, ts=now()))
+            result.alerts.append(Alert(kind="guardrail", severity="critical", details=finite_or_null(details | {"guardrails": ab.guardrails}), ts=now()))
         elif ab.verdict == "promote":
-            result.alerts.append(Alert(kind="ab_promote", severity="info", details=details, ts=now()))
+            result.alerts.append(Alert(kind="ab_promote", severity="info", details=finite_or_null(details), ts=now()))
         summary["rolled_back"] = result.rolled_back
         (ab_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
         result.ab = summary

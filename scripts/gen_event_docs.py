@@ -23,7 +23,7 @@ Numbers are bounded and finite in the precision they are used in: timestamps wit
 feature values and model metrics within ±1e12, rationale embedding coordinates within ±100 (they are
 unit vectors; 1e39 is finite in float64 but infinite in float32), positions below 1000, latency at most
 an hour; ids and queries hold a non-whitespace character; model names and versions are names, never
-paths. `tests/hostile/events.jsonl` (95 hostile payloads) is dead-lettered once each, with its reason, by
+paths. `tests/hostile/events.jsonl` (101 hostile payloads) is dead-lettered once each, with its reason, by
 `tests/streams/test_hostile_events.py`.
 
 `pair_id` = blake2b-80 of the normalised query (lower case, trimmed, inner whitespace collapsed) and the ad

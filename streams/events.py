@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from broadfast.errors import EventValidationError
 
@@ -81,6 +81,37 @@ def _check_probs(value: tuple[float, float, float]) -> tuple[float, float, float
 
 
 Probs = tuple[float, float, float]
+
+
+def _finite_tree(value: Any, path: str = "") -> Any:
+    """A free-form JSON value (``details``, ``trained_on``) whose every number is finite."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{path or 'value'} is {value!r}: every number must be finite")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _finite_tree(v, f"{path}.{k}" if path else str(k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _finite_tree(v, f"{path}[{i}]")
+    return value
+
+
+FiniteTree = Annotated[dict[str, Any], AfterValidator(_finite_tree)]
+
+
+def finite_or_null(value: Any) -> Any:
+    """A free-form value made fit for ``details``/``trained_on``: non-finite numbers become None (JSON null).
+
+    >>> finite_or_null({"ctr": float("nan"), "n": [1.0, float("inf")], "ok": 0.5})
+    {'ctr': None, 'n': [1.0, None], 'ok': 0.5}
+    """
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_null(v) for v in value]
+    return value
 
 
 class Event(BaseModel):
@@ -227,6 +258,15 @@ class TeacherLabel(Event):
 
     _probs = field_validator("probs")(_check_probs)
 
+    @field_validator("perspectives")
+    @classmethod
+    def _distinct_perspectives(cls, value: list[Perspective]) -> list[Perspective]:
+        names = [p.name for p in value]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"perspective(s) {', '.join(twice)} given more than once")
+        return value
+
     @field_validator("failed_perspectives")
     @classmethod
     def _failed_are_not_used(cls, value: list[FailedPerspective], info: Any) -> list[FailedPerspective]:
@@ -234,6 +274,10 @@ class TeacherLabel(Event):
         both = sorted({f.name for f in value} & used)
         if both:
             raise ValueError(f"perspective(s) {', '.join(both)} cannot both give a grade and have failed")
+        names = [f.name for f in value]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"perspective(s) {', '.join(twice)} failed more than once")
         return value
 
     @field_validator("rationale_embeddings")
@@ -244,6 +288,8 @@ class TeacherLabel(Event):
         perspectives = info.data.get("perspectives")
         if perspectives is not None and len(value) != len(perspectives):
             raise ValueError(f"one embedding per perspective: {len(value)} embeddings for {len(perspectives)} perspectives")
+        if len({len(row) for row in value}) > 1 or any(not row for row in value):
+            raise ValueError(f"embeddings must all have one non-zero length, got lengths {sorted({len(row) for row in value})}")
         if any(not math.isfinite(x) or abs(x) > EMBEDDING_BOUND for row in value for x in row):
             raise ValueError(f"embedding coordinates must be finite and within ±{EMBEDDING_BOUND:g} (they are unit vectors)")
         return value
@@ -259,7 +305,7 @@ class ModelPublished(Event):
     uri: NonEmpty
     sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
     metrics: dict[str, Finite] = Field(default_factory=dict)
-    trained_on: dict[str, Any] = Field(default_factory=dict)
+    trained_on: FiniteTree = Field(default_factory=dict)
     ts: Timestamp
 
 
@@ -269,7 +315,7 @@ class Alert(Event):
     topic_name: ClassVar[str] = "alerts"
     kind: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$", max_length=64)]
     severity: Literal["info", "warning", "critical"] = "warning"
-    details: dict[str, Any] = Field(default_factory=dict)
+    details: FiniteTree = Field(default_factory=dict)
     ts: Timestamp
 
 
@@ -278,8 +324,8 @@ class DeadLetter(Event):
 
     topic_name: ClassVar[str] = "deadletter"
     source_topic: NonEmpty
-    partition: int | None = None
-    offset: int | None = None
+    partition: Annotated[int, Field(ge=0)] | None = None
+    offset: Annotated[int, Field(ge=0)] | None = None
     consumer: str | None = None
     error: Annotated[str, Field(min_length=1, max_length=8192)]
     payload: str = ""

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from broadfast.settings import Settings
-from streams.events import ModelPublished
+from streams.events import ModelPublished, finite_or_null
 from training.errors import ChecksumMismatch, RegistryError
 from training.student import WEIGHTS_FILE, Student, load_student
 
@@ -217,7 +217,7 @@ class Registry:
         event = ModelPublished(
             name=manifest.name, version=manifest.version, parent_version=manifest.parent, uri=manifest.uri,
             sha256=manifest.sha256, metrics={k: v for k, v in manifest.metrics.items() if math.isfinite(v)},  # the contract holds finite numbers
-            trained_on=manifest.trained_on, ts=manifest.created_at,
+            trained_on=finite_or_null(manifest.trained_on), ts=manifest.created_at,
         )  # fmt: skip
         from kafka.errors import KafkaError
 
