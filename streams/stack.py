@@ -259,24 +259,35 @@ class EmbeddedStack:
             raise
         return state, True
 
-    def restart_broker(self, down_s: float = 0.0) -> StackState:
-        """Stop the broker, wait ``down_s``, start it again on the same port (fault tests: what a
-        broker restart does to the clients). The embedded broker keeps its log in memory, so the
-        restarted one starts empty: the topics are created again, committed offsets are gone."""
+    def restart(self, name: str, down_s: float = 0.0) -> StackState:
+        """Stop one service (``broker`` or ``redis``), wait ``down_s``, start it again on the same port
+        (fault tests: what a restart does to the clients). Both keep their data in memory here, so the
+        restarted service starts empty; a restarted broker gets its topics again (committed offsets are gone)."""
         state = self.load()
-        if state is None or "broker" not in state.services:
-            raise StackError("no embedded stack is running (`broadfast stack up`)")
-        old = state.services["broker"]
-        self._stop_services(StackState(state.started_at, {"broker": old}))
+        if state is None or name not in state.services:
+            raise StackError(f"no embedded stack with a {name} is running (`broadfast stack up`)")
+        old = state.services[name]
+        self._stop_services(StackState(state.started_at, {name: old}))
         time.sleep(down_s)
-        state.services["broker"] = self._spawn("broker", old.argv, old.port, Path(old.log_path).parent)
+        state.services[name] = self._spawn(name, old.argv, old.port, Path(old.log_path).parent)
         self._save(state)
         self._wait_ready(state)
-        from streams.bus import ensure_topics
+        if name == "broker":
+            from streams.bus import ensure_topics
 
-        ensure_topics(self.settings.model_copy(update={"kafka_bootstrap": state.env["BROADFAST_KAFKA_BOOTSTRAP"], "kafka_flavor": "tansu"}))
-        log.info("restarted the broker (pid %d) on port %d", state.services["broker"].pid, old.port)
+            ensure_topics(self.settings.model_copy(update={"kafka_bootstrap": state.env["BROADFAST_KAFKA_BOOTSTRAP"], "kafka_flavor": "tansu"}))
+        log.info("restarted %s (pid %d) on port %d", name, state.services[name].pid, old.port)
         return state
+
+    def restart_broker(self, down_s: float = 0.0) -> StackState:
+        return self.restart("broker", down_s)
+
+    def stop_service(self, name: str) -> None:
+        """Stop one service and leave it stopped (fault tests; :meth:`restart` brings it back)."""
+        state = self.load()
+        if state is None or name not in state.services:
+            raise StackError(f"no embedded stack with a {name} is running")
+        self._stop_services(StackState(state.started_at, {name: state.services[name]}))
 
     def down(self) -> list[str]:
         """Stop the recorded processes; returns what was stopped."""

@@ -126,3 +126,47 @@ def test_the_stream_worker_survives_a_broker_restart_and_counts_what_comes_after
     finally:
         stop(proc)
         client.close()
+
+
+def test_a_batch_no_record_of_which_can_be_processed_stops_the_worker_before_its_offsets_move(own_stack: tuple[EmbeddedStack, Settings], tmp_path: Path) -> None:  # noqa: F811
+    """Redis goes away: every record of the next batch fails, on its own too. The worker must not
+    dead-letter them (not their fault) nor go on and commit past them: it exits 75, and a worker
+    started once Redis is back reads the batch again and counts it."""
+    from streams.app import EXIT_STUCK
+
+    stack, base = own_stack
+    settings = base.model_copy(update={"stream_web_port": 0, "stream_push_features": False, "stream_batch_size": 20, "stream_long_tail_min_traffic": 10**9, "home": tmp_path})
+    now = time.time()
+    first = [sc(i, "q first", f"f{i}", SURE, now) for i in range(10)]
+    stuck = [sc(200 + i, "q stuck", f"s{i}", SURE, now) for i in range(10)]
+    log_path = tmp_path / "worker.log"
+    proc = start_worker(settings, log_path)
+    try:
+        with EventBus(settings) as bus:
+            for ev in first:
+                bus.publish(ev)
+        wait_counted(settings, len(first), proc, log_path)
+        time.sleep(3.5)  # faust commits the first batch's offsets
+        stack.stop_service("redis")
+        with EventBus(settings) as bus:
+            for ev in stuck:
+                bus.publish(ev)
+        assert proc.wait(timeout=90) == EXIT_STUCK, log_path.read_text()[-3000:]
+        assert "every record fails on its own: stopping the worker now" in log_path.read_text()
+        assert read_topic(settings, "deadletter", timeout_s=2) == []  # not the records' fault
+    finally:
+        stop(proc)
+    stack.restart("redis")  # back, empty (no persistence here): what gets counted now is what is read again
+    proc = start_worker(settings, log_path)
+    try:
+        client = redis.Redis.from_url(settings.redis_url)
+        counters = StreamCounters(settings, client)
+        win = window_start(now, settings.stream_counter_window_s)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and sum(v.scored for v in counters.read({("ad", e.ad_id): win for e in stuck}).values()) < len(stuck):
+            assert proc.poll() is None, log_path.read_text()[-3000:]
+            time.sleep(0.3)
+        assert sum(v.scored for v in counters.read({("ad", e.ad_id): win for e in stuck}).values()) == len(stuck), "the stuck batch was not read again"
+        client.close()
+    finally:
+        stop(proc)
