@@ -257,7 +257,7 @@ class Replayer:
                 pool.shutdown(wait=True)
             self.bus.flush(timeout=flush_timeout_s)
             stats.elapsed_s = time.perf_counter() - start
-            stats.events_delivered = getattr(self.bus, "delivered", 0)
-            stats.events_lost = getattr(self.bus, "undelivered", 0) + getattr(self.bus, "pending", 0)
-            stats.last_error = getattr(self.bus, "last_error", None) or ("unconfirmed when the replay ended" if stats.events_lost else None)
+            stats.events_delivered = self.bus.delivered
+            stats.events_lost = self.bus.undelivered + self.bus.pending
+            stats.last_error = self.bus.last_error or ("unconfirmed when the replay ended" if stats.events_lost else None)
         return stats

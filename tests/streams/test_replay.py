@@ -29,8 +29,16 @@ def tiny_pairs() -> pd.DataFrame:
 
 
 class RecordingBus:
+    """Records what the replayer publishes (the bus's delivery accounting: everything delivered)."""
+
+    undelivered, pending, last_error = 0, 0, None
+
     def __init__(self) -> None:
         self.events: list[ev.Event] = []
+
+    @property
+    def delivered(self) -> int:
+        return len(self.events)
 
     def publish(self, event: ev.Event) -> None:
         self.events.append(event)
