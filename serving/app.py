@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import math
 import secrets
 import time
 import uuid
@@ -94,11 +93,9 @@ class ScoreRequest(BaseModel):
 
 
 def printable(value: Any) -> Any:
-    """``value`` as JSON can always carry it: text with lone surrogates escaped, non-finite numbers as text."""
+    """``value`` as JSON can always carry it: text with lone surrogates escaped (anything else as it is)."""
     if isinstance(value, str):
         return value.encode("utf-8", "backslashreplace").decode("utf-8")
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
     return value
 
 

@@ -139,6 +139,13 @@ def make_consumer(settings: Settings, topics: Iterable[str], group_id: str | Non
         raise StackError(f"no Kafka broker answers at {settings.kafka_bootstrap} (is the stack up? `broadfast stack up`)") from exc
 
 
+def make_admin(settings: Settings, **overrides: Any) -> Any:
+    """A kafka-python admin client for the configured broker."""
+    from kafka.admin import KafkaAdminClient
+
+    return KafkaAdminClient(**(settings.kafka_common_config() | overrides))
+
+
 class TopicIds:
     """The broker's id of each topic (a UUID, KIP-516), asked fresh on every call. A topic that was
     deleted and created again — or an embedded broker that restarted empty — has a new id, so
@@ -149,10 +156,8 @@ class TopicIds:
         self._admin: Any | None = None
 
     def get(self, full_topics: Iterable[str]) -> dict[str, str]:
-        from kafka.admin import KafkaAdminClient
-
         if self._admin is None:
-            self._admin = KafkaAdminClient(**self.settings.kafka_common_config())
+            self._admin = make_admin(self.settings)
         return {t["name"]: str(t["topic_id"]) for t in self._admin.describe_topics(list(full_topics)) if t.get("topic_id") and not t.get("error_code")}
 
     def close(self) -> None:
@@ -213,7 +218,7 @@ def commit(consumer: Any, offsets: dict[Any, Any] | None = None) -> bool:
     reported as False instead of raised: the records are read again (at-least-once; each worker
     skips what it already did) and the consumer rejoins its group on its next poll.
     """
-    from kafka.errors import CommitFailedError, KafkaError
+    from kafka.errors import KafkaError  # CommitFailedError among them
 
     try:
         if offsets is None:
@@ -221,17 +226,17 @@ def commit(consumer: Any, offsets: dict[Any, Any] | None = None) -> bool:
         else:
             consumer.commit(offsets)
         return True
-    except (CommitFailedError, KafkaError) as exc:
+    except KafkaError as exc:
         log.warning("offset commit refused (%s: %s): the records since the last commit will be read again after the consumer rejoins", type(exc).__name__, exc)
         return False
 
 
 def ensure_topics(settings: Settings, partitions: int | None = None, timeout_s: float = 30.0) -> list[str]:
     """Create every topic of the table that does not exist yet; returns those created."""
-    from kafka.admin import KafkaAdminClient, NewTopic
+    from kafka.admin import NewTopic
     from kafka.errors import TopicAlreadyExistsError
 
-    admin = KafkaAdminClient(**settings.kafka_common_config(), request_timeout_ms=int(timeout_s * 1000))
+    admin = make_admin(settings, request_timeout_ms=int(timeout_s * 1000))
     try:
         existing = set(admin.list_topics())
         wanted = [settings.topic(name) for name in TOPICS]

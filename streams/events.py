@@ -83,6 +83,10 @@ def _check_probs(value: tuple[float, float, float]) -> tuple[float, float, float
 Probs = tuple[float, float, float]
 
 
+def _twice(names: list[str]) -> list[str]:
+    return sorted({n for n in names if names.count(n) > 1})
+
+
 def _finite_tree(value: Any, path: str = "") -> Any:
     """A free-form JSON value (``details``, ``trained_on``) whose every number is finite."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -261,8 +265,7 @@ class TeacherLabel(Event):
     @field_validator("perspectives")
     @classmethod
     def _distinct_perspectives(cls, value: list[Perspective]) -> list[Perspective]:
-        names = [p.name for p in value]
-        twice = sorted({n for n in names if names.count(n) > 1})
+        twice = _twice([p.name for p in value])
         if twice:
             raise ValueError(f"perspective(s) {', '.join(twice)} given more than once")
         return value
@@ -274,8 +277,7 @@ class TeacherLabel(Event):
         both = sorted({f.name for f in value} & used)
         if both:
             raise ValueError(f"perspective(s) {', '.join(both)} cannot both give a grade and have failed")
-        names = [f.name for f in value]
-        twice = sorted({n for n in names if names.count(n) > 1})
+        twice = _twice([f.name for f in value])
         if twice:
             raise ValueError(f"perspective(s) {', '.join(twice)} failed more than once")
         return value

@@ -263,9 +263,7 @@ class EmbeddedStack:
         """Stop one service (``broker`` or ``redis``), wait ``down_s``, start it again on the same port
         (fault tests: what a restart does to the clients). Both keep their data in memory here, so the
         restarted service starts empty; a restarted broker gets its topics again (committed offsets are gone)."""
-        state = self.load()
-        if state is None or name not in state.services:
-            raise StackError(f"no embedded stack with a {name} is running (`broadfast stack up`)")
+        state = self._running(name)
         old = state.services[name]
         self._stop_services(StackState(state.started_at, {name: old}))
         time.sleep(down_s)
@@ -284,10 +282,14 @@ class EmbeddedStack:
 
     def stop_service(self, name: str) -> None:
         """Stop one service and leave it stopped (fault tests; :meth:`restart` brings it back)."""
+        state = self._running(name)
+        self._stop_services(StackState(state.started_at, {name: state.services[name]}))
+
+    def _running(self, name: str) -> StackState:
         state = self.load()
         if state is None or name not in state.services:
-            raise StackError(f"no embedded stack with a {name} is running")
-        self._stop_services(StackState(state.started_at, {name: state.services[name]}))
+            raise StackError(f"no embedded stack with a {name} is running (`broadfast stack up`)")
+        return state
 
     def down(self) -> list[str]:
         """Stop the recorded processes; returns what was stopped."""

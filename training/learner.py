@@ -254,14 +254,15 @@ class OnlineLearner:
             self.steps += 1
             if out is None:
                 skipped += 1
-                rejected += [r for r in self.culprits(batch_rows) if r not in rejected]
+                rejected += [r for r in self.culprits(batch_rows) if all(r is not x for x in rejected)]
             else:
                 parts = out
                 self._update_average()
         self.skipped += skipped
         if rejected:
             self.buffer.drop(rejected)
-        self.buffer.retire([r for r in rows if r not in rejected])
+        bad = {id(r) for r in rejected}
+        self.buffer.retire([r for r in rows if id(r) not in bad])
         return LearnStats(len(rows), steps, skipped, parts, dict(Counter(r.teacher_id for r in rows)), rejected)
 
     @torch.no_grad()

@@ -302,9 +302,8 @@ class OnlineTrainer:
             "gate_slice": self.gate.fingerprint,
             "learner": {k: v for k, v in self.learner_config.to_dict().items() if k != "loss"},
         }
-        metrics = {f"val_{k}": v for k, v in candidate.metrics.items() if np.isfinite(v)}
+        metrics = {f"val_{k}": v for k, v in candidate.metrics.items()}  # the registry keeps the finite ones (the contract's)
         metrics |= {"gate_delta": verdict.delta, "gate_delta_lo": verdict.interval[0], "gate_delta_hi": verdict.interval[1], "gate_floor": verdict.floor, "gate_best": best}
-        metrics = {k: float(v) for k, v in metrics.items() if np.isfinite(v)}  # the announcement's contract holds finite numbers only
         with tempfile.TemporaryDirectory(prefix="broadfast-online-") as tmp:
             folder = save_student(self.learner.model, Path(tmp) / "model")
             manifest = self.registry.publish(folder, parent=self.live_version, metrics=metrics, trained_on=trained_on, champion=True)
@@ -358,7 +357,7 @@ def _fmt(metrics: dict[str, float]) -> str:
     return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k not in ("pairs", "queries"))
 
 
-def log_restarted(consumer: Any, trainer: OnlineTrainer, tp: Any) -> None:
+def reread_if_log_lost(consumer: Any, trainer: OnlineTrainer, tp: Any) -> None:
     """A record below the offsets this trainer has read is normally one it already trained on (a
     crash between checkpoint and commit). But when the partition now ends below them, its log was
     lost (a broker that kept it in memory restarted, the topic was recreated): read it from the start
@@ -393,10 +392,16 @@ def run_online(settings: Settings, *, stop: threading.Event | None = None, max_r
         letters = DeadLetters(settings, bus, "trainer")
         waiting_since: float | None = time.monotonic() if trainer.buffer.fresh else None  # fresh rows restored from the checkpoint
         committed = dict(trainer.offsets)  # what the group has committed (as far as this trainer knows)
-        try:
-            def passed_over(partition: int, offset: int) -> None:  # dead-lettered: the next commit covers it
-                trainer.offsets[partition] = max(trainer.offsets.get(partition, 0), offset + 1)
 
+        def passed_over(partition: int, offset: int) -> None:  # dead-lettered: the next commit covers it
+            trainer.offsets[partition] = max(trainer.offsets.get(partition, 0), offset + 1)
+
+        def commit_offsets() -> dict[int, int]:  # refused: re-read, skipped by the checkpoint's offsets
+            offsets = dict(trainer.offsets)
+            commit(consumer, {TopicPartition(topic, p): OffsetAndMetadata(o, "", -1) for p, o in offsets.items()})
+            return offsets
+
+        try:
             for delivery in consume(settings, consumer, letters, poll_timeout_ms=500, on_deadletter=passed_over):
                 if stop.is_set():
                     break
@@ -405,18 +410,17 @@ def run_online(settings: Settings, *, stop: threading.Event | None = None, max_r
                     assert isinstance(label, TeacherLabel)
                     if not label.ad_title and not label.ad_text:
                         letters.send(delivery.topic, delivery.partition, delivery.offset, "label carries no ad text: nothing to train on", label.model_dump_json())
-                        trainer.offsets[delivery.partition] = delivery.offset + 1
+                        passed_over(delivery.partition, delivery.offset)
                         continue
                     if delivery.offset < trainer.offsets.get(delivery.partition, 0):
-                        log_restarted(consumer, trainer, TopicPartition(delivery.topic, delivery.partition))
+                        reread_if_log_lost(consumer, trainer, TopicPartition(delivery.topic, delivery.partition))
                     if trainer.add(row_of(label, delivery.partition, delivery.offset)):
                         waiting_since = waiting_since or time.monotonic()
                 fresh = len(trainer.buffer.fresh)
                 if delivery is None and not fresh and trainer.offsets != committed:
                     # idle with nothing waiting: what was read since the last round is held out or
                     # dead-lettered, so its offsets can move on (a restart would dead-letter it again)
-                    committed = dict(trainer.offsets)
-                    commit(consumer, {TopicPartition(topic, p): OffsetAndMetadata(o, "", -1) for p, o in committed.items()})
+                    committed = commit_offsets()
                 due = fresh >= settings.online_round_labels or (fresh and waiting_since and time.monotonic() - waiting_since >= settings.online_round_wait_s)
                 if due:
                     result = trainer.train_round()
@@ -425,8 +429,7 @@ def run_online(settings: Settings, *, stop: threading.Event | None = None, max_r
                         letters.send(topic, row.partition, row.offset, "its training loss is not finite: the step that held it was skipped and the label is never trained on or replayed", json.dumps(asdict(row), default=str))
                     if result.rejected:
                         bus.flush()
-                    committed = dict(trainer.offsets)
-                    commit(consumer, {TopicPartition(topic, p): OffsetAndMetadata(o, "", -1) for p, o in committed.items()})  # refused: re-read, skipped by the checkpoint's offsets
+                    committed = commit_offsets()
                     took = ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items() if v >= 0.05)
                     log.info("round %d: %d labels, %d steps, loss %s%s (%s)", result.round, result.labels, result.steps, _fmt(result.loss), f", published {result.published}" if result.published else "", took)
                     if max_rounds is not None and trainer.rounds >= max_rounds:

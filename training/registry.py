@@ -216,7 +216,7 @@ class Registry:
 
         event = ModelPublished(
             name=manifest.name, version=manifest.version, parent_version=manifest.parent, uri=manifest.uri,
-            sha256=manifest.sha256, metrics={k: v for k, v in manifest.metrics.items() if math.isfinite(v)},  # the contract holds finite numbers
+            sha256=manifest.sha256, metrics=_numeric(manifest.metrics),  # older manifests may hold non-finite ones
             trained_on=finite_or_null(manifest.trained_on), ts=manifest.created_at,
         )  # fmt: skip
         from kafka.errors import KafkaError
