@@ -108,6 +108,8 @@ def test_the_online_trainer_survives_a_broker_restart_and_publishes_again(own_st
             time.sleep(0.2)
         assert not failure, f"the trainer died: {failure[0]!r}"
         assert len(registry.manifests()) > before, "the trainer published nothing after the broker restart"
+        stop.set()  # no publish races the checks below
+        thread.join(timeout=60)
         latest = registry.show(registry.champion())
         assert latest.trained_on["labels"] > registry.manifests()[1].trained_on["labels"]
         assert [ev.decode("models", r.value).version for r in read_topic(settings, "models", expect=1, timeout_s=10)][-1] == latest.version
