@@ -92,7 +92,7 @@ class ScoredRecord:
     request_id: str
     user_id: str | None
     query: str
-    ads: list[tuple[str, str]]  # (ad_id, title)
+    ads: list[tuple[str, str, str]]  # (ad_id, title, description as the student read it)
     probs: np.ndarray  # (n, 3)
     scores: list[float]
     model_version: str
@@ -104,11 +104,11 @@ class ScoredRecord:
 
     def events(self) -> list[Scored]:
         out = []
-        for i, (ad_id, title) in enumerate(self.ads):
+        for i, (ad_id, title, text) in enumerate(self.ads):
             p = self.probs[i]
             out.append(
                 Scored(
-                    request_id=self.request_id, ts=self.ts, query=self.query, ad_id=ad_id, ad_title=title, position=i,
+                    request_id=self.request_id, ts=self.ts, query=self.query, ad_id=ad_id, ad_title=title, ad_text=text, position=i,
                     score=min(max(self.scores[i], 0.0), 1.0), grade_probs=(float(p[0]), float(p[1]), float(p[2])),
                     model_version=self.model_version, arm=self.arm, experiment_id=self.experiment_id,  # type: ignore[arg-type]
                     latency_ms=self.latency_ms, user_id=self.user_id, features=self.features[i] if self.features else {},

@@ -155,6 +155,7 @@ class Scored(Event):
     query: NonEmpty
     ad_id: NonEmpty
     ad_title: Text
+    ad_text: Text = ""  # the start of the ad's description the student read with the title (what the teacher and the trainer get)
     position: int = Field(ge=0, lt=MAX_ADS)
     score: float = Field(ge=0.0, le=1.0, allow_inf_nan=False)
     grade_probs: Probs

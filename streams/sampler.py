@@ -439,6 +439,7 @@ class HardCaseSampler:
                     query=ev.query,
                     ad_id=ev.ad_id,
                     ad_title=ev.ad_title,
+                    ad_text=ev.ad_text,
                     reasons=reasons,
                     student_probs=ev.grade_probs,
                     model_version=ev.model_version,

@@ -15,6 +15,7 @@ from broadfast.settings import Settings
 from streams.datasets import load_pairs
 from streams.events import Scored, decode
 from tests.conftest import read_topic
+from training.student import DESCRIPTION_CHARS, ad_text
 from tests.serving.conftest import ADMIN_TOKEN, metric, running, score_body
 
 
@@ -120,6 +121,7 @@ def test_admin_endpoints_need_the_bearer_token(tiny_model: Path, serve_settings:
 def test_every_scored_pair_reaches_relevance_scored(tiny_model: Path, serve_settings: Settings) -> None:
     with running(serve_settings, tiny_model) as (url, engine), httpx.Client(base_url=url, timeout=30) as client:
         bodies = [score_body(q, [f"{q} ad {i}" for i in range(n)], user_id=f"u{n}") for q, n in (("drill", 3), ("hose", 4), ("paint", 2))]
+        bodies[0]["ads"][0]["text"] = "  18V cordless drill. " + "x" * (DESCRIPTION_CHARS + 50)  # longer than the student reads
         answers = [client.post("/v1/score", json=b).json() for b in bodies]
     records = read_topic(serve_settings, "scored", expect=9)
     events = [decode("scored", r.value) for r in records]
@@ -129,6 +131,8 @@ def test_every_scored_pair_reaches_relevance_scored(tiny_model: Path, serve_sett
         for pos, (ad, result) in enumerate(zip(body["ads"], answer["results"])):
             e = by_key[(body["request_id"], ad["ad_id"])]
             assert e.position == pos and e.ad_title == ad["title"] and e.query == body["query"] and e.user_id == body["user_id"]
+            assert ad_text(e.ad_title, e.ad_text) == ad_text(ad["title"], ad.get("text", "")), "the event must carry what the student read"
+            assert len(e.ad_text) <= DESCRIPTION_CHARS
             assert abs(e.score - result["score"]) < 1e-9 and e.model_version == engine.champion_version
             assert e.arm == "champion" and e.experiment_id is None and e.latency_ms > 0
     assert {r.key for r in records} == {b"drill", b"hose", b"paint"}

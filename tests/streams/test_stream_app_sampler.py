@@ -26,7 +26,7 @@ SURE_YES = (0.05, 0.15, 0.8)
 
 def scored(i: int, query: str, ad: str, probs, *, arm: str = "champion", request: str | None = None, ts: float | None = None) -> Scored:
     return Scored(
-        request_id=request or f"r{i}", ts=ts if ts is not None else 1_000.0 + i, query=query, ad_id=ad, ad_title=f"title {ad}", position=0,
+        request_id=request or f"r{i}", ts=ts if ts is not None else 1_000.0 + i, query=query, ad_id=ad, ad_title=f"title {ad}", ad_text=f"description of {ad}", position=0,
         score=probs[2] + 0.5 * probs[1], grade_probs=probs, model_version="v1", arm=arm, latency_ms=1.0,
     )
 
@@ -84,6 +84,7 @@ def test_known_probabilities_give_exactly_the_expected_hard_cases(make_processor
     assert len(cases) == 4, "the repeated pair must not be sent twice"
     flat = next(h for h in cases if h.ad_id == "flat")
     assert flat.pair_id == pair_id("drill", "flat") and flat.student_probs == FLAT and flat.first_scored_ts == 1_000.0
+    assert (flat.ad_title, flat.ad_text) == ("title flat", "description of flat"), "the teacher and the trainer must read what the student read"
     assert p.sampler.stats.duplicates == 1 and p.sampler.stats.labelled == 1
 
 
