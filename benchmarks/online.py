@@ -52,6 +52,8 @@ from training.targets import Targets, human_targets, relevance_to_probs  # noqa:
 
 SMOOTHING = 0.1
 
+OFFLINE_HEAD_RATIO = TrainConfig.head_lr / TrainConfig.lr  # `train offline`'s own recipe
+
 
 def query_split(df: pd.DataFrame, n_queries: int, rng: np.random.Generator) -> tuple[pd.DataFrame, pd.DataFrame]:
     queries = rng.permutation(df["query"].unique())
@@ -98,7 +100,7 @@ def run_seed(seed: int, train_df: pd.DataFrame, dev_all: pd.DataFrame, args: arg
     weak, _ = train_offline_frame(boot, human_targets(boot, "relevance", scale=scale), TrainConfig(epochs=1, batch_size=16, checkpoint=False, progress=False, seed=seed, device="cpu"), cfg, Path(f"/tmp/broadfast-online-bench/weak-{seed}"), resume=False)
     start = evaluate_on(weak, dev)
     print(f"seed {seed}: weak start spearman {start['spearman']:.4f} ndcg@10 {start['ndcg@10']:.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
-    learner_cfg = LearnerConfig(passes=args.passes, batch_size=args.batch_size, replay_fraction=args.replay_fraction, lr=args.lr, head_lr=args.lr * 5, warmup_steps=args.warmup, schedule=args.schedule, seed=seed)
+    learner_cfg = LearnerConfig(passes=args.passes, batch_size=args.batch_size, replay_fraction=args.replay_fraction, lr=args.lr, head_lr=args.lr * args.head_lr_ratio, adam_beta2=args.adam_beta2, warmup_steps=args.warmup, schedule=args.schedule, seed=seed)
     curves: dict[str, list[dict]] = {}
     labelled: dict[str, list[LabelRow]] = {}
     steps: dict[str, int] = {}
@@ -132,7 +134,7 @@ def run_seed(seed: int, train_df: pd.DataFrame, dev_all: pd.DataFrame, args: arg
     n_batches = math.ceil(len(rows) / args.batch_size)
     epochs = math.ceil(steps[base] / n_batches)
     torch.manual_seed(seed)
-    train(student, ts, TrainConfig(epochs=epochs, batch_size=args.batch_size, lr=args.lr, head_lr=args.lr * 5, max_steps=steps[base], checkpoint=False, progress=False, seed=seed, device="cpu"), f"/tmp/broadfast-online-bench/offline-{seed}", resume=False)
+    train(student, ts, TrainConfig(epochs=epochs, batch_size=args.batch_size, lr=args.lr, head_lr=args.lr * OFFLINE_HEAD_RATIO, max_steps=steps[base], checkpoint=False, progress=False, seed=seed, device="cpu"), f"/tmp/broadfast-online-bench/offline-{seed}", resume=False)
     offline = evaluate_on(student, dev)
     print(f"seed {seed} offline ({base} arm's labels): {len(rows)} labels, {steps[base]} steps ({epochs} epochs), spearman {offline['spearman']:.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
     return {"seed": seed, "start": start, "curves": curves, "steps": steps, "offline": offline, "dev_pairs": len(dev), "seconds": time.perf_counter() - t0}
@@ -169,6 +171,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=LearnerConfig.batch_size)
     parser.add_argument("--replay-fraction", type=float, default=LearnerConfig.replay_fraction)
     parser.add_argument("--lr", type=float, default=LearnerConfig.lr)
+    parser.add_argument("--head-lr-ratio", type=float, default=Settings().online_head_lr_ratio, help="online learner: learning rate of the extractor and head as a multiple of --lr [BROADFAST_ONLINE_HEAD_LR_RATIO]")
+    parser.add_argument("--adam-beta2", type=float, default=Settings().online_adam_beta2, help="online learner: AdamW's second-moment decay [BROADFAST_ONLINE_ADAM_BETA2]")
     parser.add_argument("--warmup", type=int, default=LearnerConfig.warmup_steps)
     parser.add_argument("--schedule", choices=["constant", "inverse_sqrt"], default=LearnerConfig.schedule)
     parser.add_argument("--dev-queries", type=int, default=200)
@@ -220,7 +224,8 @@ def main() -> None:
         f"Per seed: weak start on {args.bootstrap} human-labelled pairs (1 epoch); {args.rounds} rounds × {args.budget} oracle labels = {n_labels:,} labels "
         f"picked from windows of {args.window:,} traffic pairs of `{args.data}` (query-disjoint from the start; the sampler arm: hardest first, "
         f"{args.explore_share:.0%} of slots random, at most {args.per_query} per query per window); learner: {args.passes} passes per label, "
-        f"batch {args.batch_size} ({args.replay_fraction:.0%} replayed), lr {args.lr:g} ({args.schedule} after {args.warmup} warm-up steps); "
+        f"batch {args.batch_size} ({args.replay_fraction:.0%} replayed), lr {args.lr:g} (extractor and head ×{args.head_lr_ratio:g}, AdamW β2 {args.adam_beta2:g}; {args.schedule} after {args.warmup} warm-up steps); "
+        f"offline: `train offline`'s recipe (extractor and head ×{OFFLINE_HEAD_RATIO:g}, linear warm-up and decay); "
         f"dev: {args.dev_queries} queries of `{args.dev}` ({runs[0]['dev_pairs']:,} pairs for seed {runs[0]['seed']}). Student {args.student}, max length {args.max_length}, "
         f"{args.threads} threads. The oracle is a simulation (human judgements), not a model."
     )

@@ -192,10 +192,8 @@ class Demo:
     #   label, a quarter of each batch replayed) absorbs about that many; a faster teacher (the
     #   oracle answers at once) would otherwise only lengthen its queue;
     # - a monitoring round a minute.
-    # - an online learning rate of 5e-5, half the offline recipe's: the demo's rounds are 32 labels
-    #   from a few seconds of Zipf traffic (few queries, correlated), and at 1e-4 the candidates
-    #   collapsed as soon as the warm-up ended (validation Spearman 0.20 → 0.01 in four rounds);
-    DEMO_DEFAULTS: dict[str, Any] = {"online_publish_every_s": 10.0, "stream_budget_max_per_s": 4.0, "monitor_interval_s": 60.0, "online_lr": 5e-5}
+    # The online learner keeps its own defaults (benchmarks/online.py).
+    DEMO_DEFAULTS: dict[str, Any] = {"online_publish_every_s": 10.0, "stream_budget_max_per_s": 4.0, "monitor_interval_s": 60.0}
 
     def _env(self, stack_env: dict[str, str], **extra: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("BROADFAST_")}

@@ -168,6 +168,10 @@ class Settings(BaseSettings):
 
     # -- serving (issue 5): add fields below this line ----
     serve_device: str | None = Field(default=None, description="Torch device of the scoring API ('cpu', 'cuda', 'cuda:1'); default: cuda when available.")
+    serve_backend: Literal["auto", "torch", "onnx-int8"] = Field(
+        default="auto",
+        description="Inference backend of the scoring API and `broadfast predict`: 'torch' (PyTorch: fp32 on CPU, bf16 on a GPU), 'onnx-int8' (ONNX Runtime, int8 weights; converted once per version, cached in <model folder>/onnx-int8/, checked against PyTorch before it serves) or 'auto' (onnx-int8 on a CPU when onnxruntime is installed, else torch).",
+    )
     serve_batching: bool = Field(default=True, description="Micro-batch pairs across concurrent requests (off: each request runs alone, the naive baseline).")
     serve_max_batch_pairs: int = Field(default=256, ge=1, description="Most pairs gathered into one micro-batch (a request is never split).")
     serve_max_wait_ms: float = Field(default=2.0, ge=0, description="Longest wait for more requests once a micro-batch has its first one (ms).")
@@ -193,7 +197,8 @@ class Settings(BaseSettings):
     online_replay_fraction: float = Field(default=0.25, ge=0, lt=1, description="Online trainer: share of each batch drawn from the reservoir of older labels.")
     online_reservoir_size: int = Field(default=5000, ge=1, description="Online trainer: older labels kept for replay (reservoir sampling).")
     online_lr: float = Field(default=1e-4, gt=0, description="Online trainer: encoder learning rate (the offline recipe's).")
-    online_head_lr_ratio: float = Field(default=5.0, gt=0, description="Online trainer: learning rate of the extractor and head, as a multiple of the encoder's.")
+    online_head_lr_ratio: float = Field(default=2.0, gt=0, description="Online trainer: learning rate of the extractor and head, as a multiple of the encoder's.")
+    online_adam_beta2: float = Field(default=0.98, gt=0, lt=1, description="Online trainer: AdamW's second-moment decay: 0.98 averages squared gradients over about 50 steps (the offline recipe's 0.999: about 1,000), so step sizes settle within a few rounds.")
     online_warmup_steps: int = Field(default=20, ge=0, description="Online trainer: linear learning-rate warm-up, in optimizer steps.")
     online_lr_schedule: Literal["constant", "inverse_sqrt"] = Field(default="inverse_sqrt", description="Online trainer: learning rate after warm-up: decaying as 1/sqrt(step), or constant.")
     online_lr_floor: float = Field(default=0.1, ge=0, le=1, description="Online trainer: the decaying learning rate never goes below this share of its peak (a learner that runs for days keeps learning).")
@@ -209,7 +214,7 @@ class Settings(BaseSettings):
 
     # -- process -----------------------------------------------------------------------
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(default="INFO", description="Log level.")
-    torch_threads: int = Field(default=1, ge=1, description="Torch intra-op threads on CPU.")
+    torch_threads: int = Field(default=1, ge=1, description="Intra-op threads on CPU (PyTorch, and ONNX Runtime for the onnx-int8 backend).")
 
     @field_validator("home", "registry_root", "data", mode="after")
     @classmethod

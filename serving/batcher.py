@@ -3,9 +3,9 @@
 A request hands its (query, ad text) pairs and the model it was routed to to
 :meth:`MicroBatcher.submit` and gets a future. The worker takes the first waiting
 request, gathers more for at most ``max_wait_ms`` (or until ``max_batch_pairs``), groups
-them by model, and scores each group with :meth:`Student.predict_proba`, which
-tokenises once, sorts the pairs by length (length buckets of ``forward_batch`` pairs, so
-little padding) and runs under ``torch.inference_mode`` with bf16 autocast on a GPU.
+them by model, and scores each group with the model's backend (:meth:`LiveModel.predict_proba`:
+PyTorch or ONNX Runtime int8, see :mod:`serving.backends`), which tokenises once and sorts
+the pairs by length (length buckets of ``forward_batch`` pairs, so little padding).
 Each request keeps the model object it was routed with, so a swap never changes the
 model of a request already in flight.
 
@@ -134,7 +134,7 @@ class MicroBatcher:
         queries = [q for j in jobs for q in j.queries]
         texts = [t for j in jobs for t in j.texts]
         try:
-            probs = model.student.predict_proba(queries, texts, batch_size=self.params.forward_batch)
+            probs = model.predict_proba(queries, texts, batch_size=self.params.forward_batch)
         except Exception as exc:
             if len(jobs) > 1:
                 log.warning("scoring a batch of %d requests (%d pairs) with %s failed (%s: %s); scoring each request alone", len(jobs), len(queries), model.version, type(exc).__name__, exc)

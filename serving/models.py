@@ -3,7 +3,8 @@
 A version goes live only after: its files match the registry manifest's sha256 (and the
 announcement's), the checkpoint loads with the shapes its config names
 (:func:`training.student.load_student`), its config is servable (three grades, token ids
-within the vocabulary, ``max_length`` within the position table), and a *probe batch*
+within the vocabulary, ``max_length`` within the position table), its inference backend
+(``BROADFAST_SERVE_BACKEND``, :mod:`serving.backends`) is built and agrees with PyTorch, and a *probe batch*
 of fixed pairs gives finite probabilities in [0, 1] that agree with the live model:
 
     agreement = 1 - mean |score_new - score_live|   (over the probe pairs)
@@ -66,18 +67,28 @@ MIN_PROBE_SPREAD = 1e-6  # probe scores closer together than this: the model sco
 
 @dataclass(eq=False)
 class LiveModel:
-    """One resident version: the student and where it came from."""
+    """One resident version: the student, the backend that scores with it, and where it came from."""
 
     version: str
     student: Any  # training.student.Student
     sha256: str
     source: str
     loaded_at: float = field(default_factory=time.time)
+    backend: Any | None = None  # serving.backends.Backend; None: the PyTorch student itself
+
+    @property
+    def backend_name(self) -> str:
+        return self.backend.name if self.backend is not None else "torch"
+
+    def predict_proba(self, queries: list[str], texts: list[str], batch_size: int = 64) -> np.ndarray:
+        """Grade probabilities (n, 3) from the backend in use."""
+        return (self.backend or self.student).predict_proba(queries, texts, batch_size=batch_size)
 
     def info(self) -> dict[str, Any]:
         cfg = self.student.config
+        backend = self.backend.describe() if self.backend is not None else {"name": "torch"}
         return {"version": self.version, "sha256": self.sha256, "source": self.source, "loaded_at": self.loaded_at,
-                "extractor": cfg.extractor, "max_length": cfg.max_length}  # fmt: skip
+                "extractor": cfg.extractor, "max_length": cfg.max_length, "backend": backend}  # fmt: skip
 
 
 def device_of(settings: Any) -> str:
@@ -106,6 +117,7 @@ def load_folder(path: str | Path, settings: Any) -> LiveModel:
     version = json.loads(manifest.read_text()).get("version") if manifest.exists() else None
     model = LiveModel(version or f"{name}-{sha[:8]}", student, sha, str(path.resolve()))
     check_config(model)
+    attach_backend(model, path, settings)
     return model
 
 
@@ -130,7 +142,20 @@ def load_version(registry: Any, version: str, settings: Any, expected_sha256: st
         raise SwapRefused(version, "load", str(exc)) from exc
     model = LiveModel(version, student, manifest.sha256, manifest.uri or str(folder))
     check_config(model)
+    attach_backend(model, folder, settings)
     return model
+
+
+def attach_backend(model: LiveModel, folder: Path, settings: Any) -> None:
+    """Build the backend ``BROADFAST_SERVE_BACKEND`` names (onnx-int8: converted once, cached, checked
+    against PyTorch); a failure refuses the version at the ``convert`` or ``backend`` check."""
+    from serving.backends import load_backend
+    from serving.errors import BackendError
+
+    try:
+        model.backend = load_backend(model.student, folder, settings.serve_backend, device_of(settings), settings.torch_threads)
+    except BackendError as exc:
+        raise SwapRefused(model.version, exc.stage, exc.reason) from exc
 
 
 def check_config(model: LiveModel) -> None:
@@ -152,7 +177,7 @@ def probe_scores(model: LiveModel) -> tuple[np.ndarray, np.ndarray]:
     """(probabilities, scores) of the probe pairs."""
     queries = [q for q, _ in PROBE_PAIRS]
     texts = [t for _, t in PROBE_PAIRS]
-    probs = model.student.predict_proba(queries, texts)
+    probs = model.predict_proba(queries, texts)
     return probs, np.array([score_from_probs(p) for p in probs])
 
 

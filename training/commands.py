@@ -144,7 +144,7 @@ def predict(model: Path, data: Path, out: Path, batch_size: int, device: str | N
     from training.predict import predict_file
 
     dev = device or settings.train_device or ("cuda" if torch.cuda.is_available() else "cpu")
-    result = predict_file(model, data, out, batch_size=batch_size, device=dev)
+    result = predict_file(model, data, out, batch_size=batch_size, device=dev, backend=settings.serve_backend, threads=settings.torch_threads)
     click.echo(f"wrote {len(result)} scored pairs to {out}")
 
 

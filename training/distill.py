@@ -53,6 +53,7 @@ class TrainConfig:
     lr: float = 1e-4  # encoder (beat 2e-4 on a 10k-pair Home Depot pilot; the recipe of benchmarks/quality.py)
     head_lr: float = 5e-4  # extractor, head, alignment projection
     weight_decay: float = 0.01
+    adam_beta2: float = 0.999  # AdamW's second-moment decay
     warmup: float = 0.06  # fraction of the steps
     grad_clip: float = 1.0
     seed: int = 0
@@ -165,7 +166,7 @@ def make_optimizer(student: Student, cfg: TrainConfig) -> torch.optim.Optimizer:
         {"params": ps, "lr": cfg.lr if enc else cfg.head_lr, "base_lr": cfg.lr if enc else cfg.head_lr, "weight_decay": cfg.weight_decay if decay else 0.0}
         for (enc, decay), ps in sorted(groups.items())
     ]
-    return torch.optim.AdamW(params, fused=False)
+    return torch.optim.AdamW(params, betas=(0.9, cfg.adam_beta2), fused=False)
 
 
 def lr_factor(step: int, total: int, warmup: float) -> float:

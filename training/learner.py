@@ -146,7 +146,8 @@ class LearnerConfig:
     replay_fraction: float = 0.25  # share of each batch replayed from the reservoir
     reservoir_size: int = 5000
     lr: float = 1e-4  # encoder; the offline recipe's
-    head_lr: float = 5e-4  # extractor, head, alignment projection
+    head_lr: float = 2e-4  # extractor, head, alignment projection (2× the encoder's: at 5× a stream of small rounds dips hard once warm-up ends)
+    adam_beta2: float = 0.98  # AdamW's second-moment decay: a fresh optimizer on a live student adapts its step sizes within tens of steps, not thousands
     warmup_steps: int = 20
     schedule: Schedule = "inverse_sqrt"
     lr_floor: float = 0.1  # the schedule never goes below this share of the learning rate
@@ -161,7 +162,7 @@ class LearnerConfig:
         return cls(
             passes=s.online_passes, batch_size=s.online_batch_size, replay_fraction=s.online_replay_fraction,
             reservoir_size=s.online_reservoir_size, lr=s.online_lr, head_lr=s.online_lr * s.online_head_lr_ratio,
-            warmup_steps=s.online_warmup_steps, schedule=s.online_lr_schedule, lr_floor=s.online_lr_floor, ema_decay=s.online_ema_decay,
+            warmup_steps=s.online_warmup_steps, schedule=s.online_lr_schedule, lr_floor=s.online_lr_floor, ema_decay=s.online_ema_decay, adam_beta2=s.online_adam_beta2,
             confidence_weighting=s.online_confidence_weighting,
         )  # fmt: skip
 
@@ -198,7 +199,7 @@ class OnlineLearner:
         """
         self.student = student
         cfg = self.config
-        self.opt = make_optimizer(student, TrainConfig(lr=cfg.lr, head_lr=cfg.head_lr))
+        self.opt = make_optimizer(student, TrainConfig(lr=cfg.lr, head_lr=cfg.head_lr, adam_beta2=cfg.adam_beta2))
         self.ema = (model or copy.deepcopy(student)).eval() if cfg.ema_decay > 0 else None
         if self.ema is not None:
             self.ema.requires_grad_(False)

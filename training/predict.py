@@ -1,7 +1,9 @@
 """Batch prediction: a parquet of pairs in, the same rows plus score and grade probabilities out.
 
 Added columns: ``score`` (P(exact) + ½·P(partial)), ``p_irrelevant``, ``p_partial``,
-``p_exact``. Pairs are tokenised once and scored in length-sorted batches.
+``p_exact``. Pairs are tokenised once and scored in length-sorted batches, by the inference
+backend ``BROADFAST_SERVE_BACKEND`` names (:mod:`serving.backends`: PyTorch, or ONNX Runtime int8
+converted once, cached next to the model and checked against PyTorch).
 
 >>> out = predict_frame(load_student("model/"), load_pairs("dev.parquet"))   # doctest: +SKIP
 >>> list(out.columns[-4:])                                                     # doctest: +SKIP
@@ -13,6 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -21,15 +24,15 @@ from tqdm.auto import tqdm
 from streams.datasets import load_pairs
 from streams.events import score_from_probs
 from training.distill import pair_texts
-from training.student import Student, load_student
+from training.student import load_student
 
 log = logging.getLogger(__name__)
 
 OUTPUT_COLUMNS = ("score", "p_irrelevant", "p_partial", "p_exact")
 
 
-def predict_frame(student: Student, df: pd.DataFrame, batch_size: int = 128, chunk: int = 8192, progress: bool = False) -> pd.DataFrame:
-    """``df`` with the four prediction columns added (input order kept)."""
+def predict_frame(student: Any, df: pd.DataFrame, batch_size: int = 128, chunk: int = 8192, progress: bool = False) -> pd.DataFrame:
+    """``df`` with the four prediction columns added (input order kept); ``student``: anything with ``predict_proba``."""
     queries, texts = pair_texts(df)
     parts = []
     for start in tqdm(range(0, len(df), chunk), desc="predict", unit="chunk", disable=not progress or len(df) <= chunk):
@@ -41,12 +44,19 @@ def predict_frame(student: Student, df: pd.DataFrame, batch_size: int = 128, chu
     return out
 
 
-def predict_file(model: str | Path, data: str | Path, out: str | Path, batch_size: int = 128, device: str | None = None) -> pd.DataFrame:
-    """Score ``data`` with the model folder ``model`` and write ``out`` (parquet)."""
+def predict_file(
+    model: str | Path, data: str | Path, out: str | Path, batch_size: int = 128, device: str | None = None, backend: str = "torch", threads: int = 1
+) -> pd.DataFrame:
+    """Score ``data`` with the model folder ``model`` and write ``out`` (parquet); ``backend``: a
+    ``serve_backend`` value (``auto``, ``torch``, ``onnx-int8``), ``threads``: ONNX Runtime's intra-op threads."""
+    from serving.backends import load_backend
+
     student = load_student(model, device)
+    scorer = load_backend(student, Path(model), backend, student.device.type, threads)
+    log.info("scoring with the %s backend", scorer.name)
     df = load_pairs(data)
     t0 = time.perf_counter()
-    result = predict_frame(student, df, batch_size=batch_size, progress=True)
+    result = predict_frame(scorer, df, batch_size=batch_size, progress=True)
     seconds = time.perf_counter() - t0
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -103,3 +103,16 @@ def test_the_labels_that_poison_a_step_are_named_and_never_replayed() -> None:
     assert all(r.pair_id.startswith("bad") is False for r in learner.buffer.reservoir) and len(learner.buffer.reservoir) == 6
     again = learner.learn_many(rows_of(learnable_pairs(2, seed=6))[:8])  # the next round trains: nothing poisoned is replayed
     assert again.skipped == 0 and not again.rejected
+
+
+def test_the_settings_reach_the_optimizer() -> None:
+    """The learner's AdamW takes the stream's β2 and the extractor/head rate ratio from the settings."""
+    from broadfast.settings import Settings
+
+    cfg = LearnerConfig.from_settings(Settings(online_lr=1e-4, online_head_lr_ratio=3.0, online_adam_beta2=0.97))
+    learner = OnlineLearner(build_student(StudentConfig.tiny()), cfg)
+    groups = learner.opt.param_groups
+    assert {g["betas"] for g in groups} == {(0.9, 0.97)}
+    assert sorted({round(g["lr"] / 1e-4, 6) for g in groups}) == [1.0, 3.0]
+    defaults = LearnerConfig.from_settings(Settings())
+    assert (defaults.adam_beta2, defaults.head_lr / defaults.lr) == (LearnerConfig.adam_beta2, LearnerConfig.head_lr / LearnerConfig.lr)

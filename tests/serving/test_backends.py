@@ -1,0 +1,195 @@
+"""Inference backends: the int8 ONNX model scores like PyTorch, its conversion is cached per
+version, and a version whose conversion fails or disagrees is refused while the old one serves."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from scipy.stats import spearmanr
+
+from broadfast.settings import Settings
+from serving import backends
+from serving.backends import CACHE_DIR, MAX_SCORE_DIFF, META_FILE, MIN_SPEARMAN, ONNX_FILE, RANK_SPREAD, OnnxInt8Backend, load_backend, resolve_backend
+from serving.errors import BackendError, SwapRefused
+from serving.models import PROBE_PAIRS, load_folder
+from streams.datasets import load_pairs
+from tests.serving.conftest import ADMIN_TOKEN, running, score_body, variant
+from training.distill import pair_texts
+from training.registry import Registry
+from training.student import StudentConfig, build_student, load_student, save_student
+
+PROBE_Q, PROBE_T = [q for q, _ in PROBE_PAIRS], [t for _, t in PROBE_PAIRS]
+
+
+def scores(probs: np.ndarray) -> np.ndarray:
+    return probs[:, 2] + 0.5 * probs[:, 1]
+
+
+@pytest.fixture(scope="module")
+def ranking_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny student whose probe scores spread widely enough that the Spearman gate applies."""
+    torch.manual_seed(0)
+    student = build_student(StudentConfig.tiny())
+    with torch.no_grad():
+        student.head[-1].weight.mul_(10.0)
+        student.head[-1].bias.zero_()
+    folder = save_student(student, tmp_path_factory.mktemp("ranking") / "model")
+    spread = np.ptp(scores(load_student(folder).predict_proba(PROBE_Q, PROBE_T)))
+    assert spread >= RANK_SPREAD, f"the fixture's probe scores spread only {spread:.3f}"
+    return folder
+
+
+@pytest.fixture
+def folder(ranking_model: Path, tmp_path: Path) -> Path:
+    """A fresh copy (no conversion cache yet)."""
+    return Path(shutil.copytree(ranking_model, tmp_path / "model"))
+
+
+def test_int8_scores_agree_with_pytorch(folder: Path, shared_data: Path) -> None:
+    import onnx
+
+    student = load_student(folder)
+    backend = load_backend(student, folder, "onnx-int8", "cpu", threads=1)
+    assert backend.name == "onnx-int8" and backend.check["spearman"] is not None  # the rank gate was applied
+    assert backend.check["max_score_diff"] <= MAX_SCORE_DIFF and backend.check["spearman"] >= MIN_SPEARMAN
+    ops = {n.op_type for n in onnx.load(str(folder / CACHE_DIR / ONNX_FILE)).graph.node}
+    assert {"MatMulInteger", "DynamicQuantizeLinear"} <= ops, "the served graph must hold int8 matrix products"
+    # Beyond the probe: Home Depot pairs of many lengths, one pair a run and in padded runs (dynamic batch and sequence axes).
+    queries, texts = pair_texts(load_pairs(shared_data / "homedepot" / "dev.parquet").iloc[:300])
+    ref = student.predict_proba(queries, texts)
+    batched = OnnxInt8Backend(student, folder / CACHE_DIR / ONNX_FILE, 1, backend.meta, rows_per_run=64)
+    for scorer in (backend, batched):
+        got = scorer.predict_proba(queries, texts)
+        assert got.shape == (300, 3) and np.allclose(got.sum(1), 1.0, atol=1e-5)
+        assert np.abs(scores(got) - scores(ref)).max() <= MAX_SCORE_DIFF
+        assert spearmanr(scores(got), scores(ref)).statistic >= MIN_SPEARMAN
+    # Served one pair a run, a pair's score does not depend on what it is scored with.
+    np.testing.assert_array_equal(backend.predict_proba(queries[:5], texts[:5]), backend.predict_proba(queries, texts)[:5])
+    np.testing.assert_array_equal(backend.predict_proba(queries[7:8], texts[7:8]), backend.predict_proba(queries[:40], texts[:40])[7:8])
+    assert backend.predict_proba([], []).shape == (0, 3)
+
+
+def test_conversion_is_cached_and_rebuilt_when_stale(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    student = load_student(folder)
+    first = load_backend(student, folder, "onnx-int8", "cpu", threads=1)
+    meta = json.loads((folder / CACHE_DIR / META_FILE).read_text())
+    assert first.check["cached"] is False and meta["source_sha256"] and meta["onnxruntime"]
+    expected = first.predict_proba(PROBE_Q, PROBE_T)
+
+    def no_export(*_: object) -> None:
+        raise AssertionError("converted again although the cache is valid")
+
+    with monkeypatch.context() as m:
+        m.setattr(backends, "export_onnx", no_export)
+        again = load_backend(student, folder, "onnx-int8", "cpu", threads=1)
+    assert again.check["cached"] is True
+    np.testing.assert_array_equal(again.predict_proba(PROBE_Q, PROBE_T), expected)
+
+    stale = [
+        lambda: (folder / CACHE_DIR / META_FILE).write_text(json.dumps(meta | {"source_sha256": "0" * 64})),  # other weights
+        lambda: (folder / CACHE_DIR / META_FILE).write_text(json.dumps(meta | {"onnxruntime": "0.0.1"})),  # another runtime
+        lambda: (folder / CACHE_DIR / META_FILE).write_text("{not json"),  # unreadable
+        lambda: (folder / CACHE_DIR / ONNX_FILE).write_bytes(b"tampered"),  # the model file changed under its meta
+    ]
+    for spoil in stale:
+        spoil()
+        rebuilt = load_backend(student, folder, "onnx-int8", "cpu", threads=1)
+        assert rebuilt.check["cached"] is False
+        assert json.loads((folder / CACHE_DIR / META_FILE).read_text())["source_sha256"] == meta["source_sha256"]
+        np.testing.assert_allclose(rebuilt.predict_proba(PROBE_Q, PROBE_T), expected, atol=1e-6)
+
+    # New weights in the same folder: the old conversion is not theirs.
+    nudged = load_student(folder)
+    with torch.no_grad():
+        nudged.head[-1].bias.copy_(torch.tensor([1.5, 0.0, -1.5]))
+    save_student(nudged, folder)
+    fresh = load_backend(nudged, folder, "onnx-int8", "cpu", threads=1)
+    assert fresh.check["cached"] is False
+    assert np.abs(scores(fresh.predict_proba(PROBE_Q, PROBE_T)) - scores(nudged.predict_proba(PROBE_Q, PROBE_T))).max() <= MAX_SCORE_DIFF
+
+
+def test_backend_setting(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert resolve_backend("auto", "cpu") == "onnx-int8" and resolve_backend("auto", "cuda") == "torch"
+    assert resolve_backend("torch", "cpu") == "torch" and resolve_backend("onnx-int8", "cpu") == "onnx-int8"
+    with pytest.raises(BackendError):
+        resolve_backend("tensorrt", "cpu")
+    monkeypatch.setattr(backends, "onnxruntime_available", lambda: False)
+    assert resolve_backend("auto", "cpu") == "torch"
+    monkeypatch.undo()
+
+    monkeypatch.setenv("BROADFAST_SERVE_BACKEND", "torch")
+    model = load_folder(folder, Settings(serve_device="cpu"))
+    assert model.info()["backend"]["name"] == "torch" and not (folder / CACHE_DIR).exists()
+    model = load_folder(folder, Settings(serve_device="cpu", serve_backend="auto"))
+    info = model.info()["backend"]
+    assert info["name"] == "onnx-int8" and info["check"]["max_score_diff"] <= MAX_SCORE_DIFF
+    assert np.abs(scores(model.predict_proba(PROBE_Q, PROBE_T)) - scores(model.student.predict_proba(PROBE_Q, PROBE_T))).max() <= MAX_SCORE_DIFF
+
+
+def test_predict_uses_the_backend(folder: Path, shared_data: Path, tmp_path: Path) -> None:
+    from training.predict import predict_file
+
+    data = tmp_path / "pairs.parquet"
+    load_pairs(shared_data / "homedepot" / "dev.parquet").iloc[:40].to_parquet(data)
+    torch_out = predict_file(folder, data, tmp_path / "torch.parquet", backend="torch")
+    assert not (folder / CACHE_DIR).exists()
+    int8_out = predict_file(folder, data, tmp_path / "int8.parquet", backend="onnx-int8")
+    assert (folder / CACHE_DIR / ONNX_FILE).exists()
+    assert np.abs(int8_out["score"].to_numpy() - torch_out["score"].to_numpy()).max() <= MAX_SCORE_DIFF
+
+
+def corrupting_quantize(original):  # type: ignore[no-untyped-def]
+    """A quantizer that also pushes the head's last bias: a converter bug that makes the int8 model disagree."""
+
+    def quantize(fp32: Path, int8: Path) -> None:
+        import onnx
+        from onnx import numpy_helper
+
+        original(fp32, int8)
+        model = onnx.load(str(int8))
+        for init in model.graph.initializer:
+            if init.name.endswith("head.4.bias"):
+                init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) + np.array([4.0, 0.0, -4.0], dtype=np.float32), init.name))
+        onnx.save(model, str(int8))
+
+    return quantize
+
+
+@pytest.mark.parametrize("fault", ["export fails", "int8 disagrees"])
+def test_version_whose_conversion_fails_or_disagrees_is_refused(fault: str, ranking_model: Path, serve_settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = serve_settings.model_copy(update={"serve_backend": "onnx-int8", "serve_swap_on_publish": False})
+    registry = Registry(settings)
+    assert registry.publish(ranking_model, announce=False).version == "v0001"
+    body = score_body("cordless drill", [t for _, t in PROBE_PAIRS[:6]])
+    with running(settings) as (url, engine), httpx.Client(base_url=url, timeout=60, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as client:
+        assert engine.champion_version == "v0001" and engine.routing.champion.backend_name == "onnx-int8"
+        before = client.post("/v1/score", json=body).json()
+        v2 = registry.publish(variant(ranking_model, tmp_path / "nudged", noise=0.01), announce=False).version
+        if fault == "export fails":
+
+            def broken_export(*_: object) -> None:
+                raise RuntimeError("the exporter met an operator it does not know")
+
+            monkeypatch.setattr(backends, "export_onnx", broken_export)
+            stage, says = "convert", "the exporter met an operator"
+        else:
+            monkeypatch.setattr(backends, "quantize", corrupting_quantize(backends.quantize))
+            stage, says = "backend", "disagrees with PyTorch"
+        refused = client.post("/admin/models/load", json={"version": v2})
+        assert refused.status_code == 409 and f"at the {stage} check" in refused.json()["detail"] and says in refused.json()["detail"]
+        assert says in engine.refused[v2]
+        assert not (registry.verify(v2) / CACHE_DIR).exists(), "a failed conversion must not stay cached"
+        with pytest.raises(SwapRefused) as direct:
+            engine.offer(v2)
+        assert direct.value.stage == stage
+        after = client.post("/v1/score", json=body)
+        info = client.get("/admin/models").json()
+    assert after.status_code == 200 and after.json()["model_version"] == "v0001"
+    assert [r["score"] for r in after.json()["results"]] == [r["score"] for r in before["results"]]  # the old one, unchanged
+    assert info["champion"]["version"] == "v0001" and info["champion"]["backend"]["name"] == "onnx-int8" and v2 in info["refused"]
