@@ -38,7 +38,7 @@ from broadfast.settings import Settings
 from streams.bus import EventBus, consume, ensure_topics, make_consumer
 from streams.datasets import load_pairs
 from streams.events import Scored
-from training.student import DESCRIPTION_CHARS
+from training.student import description_read
 
 
 def make_events(data: Path, n: int, seed: int = 0) -> list[Scored]:
@@ -57,7 +57,7 @@ def make_events(data: Path, n: int, seed: int = 0) -> list[Scored]:
             probs = tuple(float(x) for x in probs / probs.sum())
             probs = (probs[0], probs[1], 1.0 - probs[0] - probs[1])
             events.append(
-                Scored(request_id=f"b{r}", ts=ts, query=query, ad_id=row["product_id"], ad_title=row["title"], ad_text=str(row.get("description") or "")[:DESCRIPTION_CHARS], position=pos,
+                Scored(request_id=f"b{r}", ts=ts, query=query, ad_id=row["product_id"], ad_title=row["title"], ad_text=description_read(row.get("description")), position=pos,
                        score=min(1.0, probs[2] + 0.5 * probs[1]), grade_probs=probs, model_version="bench", arm=arm, latency_ms=1.0)
             )
         ts += 0.05

@@ -39,7 +39,7 @@ from serving.engine import Engine
 from serving.errors import NotReady, SwapRefused
 from serving.scoredlog import ScoredRecord
 from streams.events import score_from_probs
-from training.student import DESCRIPTION_CHARS, ad_text
+from training.student import ad_text, description_read
 
 log = logging.getLogger(__name__)
 
@@ -289,7 +289,7 @@ def create_app(settings: Settings, model_dir: Path | None = None, *, engine: Eng
         metrics.requests.labels(arm).inc()
         engine.count(experiment_id, arm, ok=True)
         engine.scored.offer(
-            ScoredRecord(request_id, req.user_id, req.query, [(a.ad_id, a.title, a.text.strip()[:DESCRIPTION_CHARS]) for a in req.ads], probs, scores, model.version, arm, experiment_id, latency * 1000.0, time.time(), features)
+            ScoredRecord(request_id, req.user_id, req.query, [(a.ad_id, a.title, description_read(a.text)) for a in req.ads], probs, scores, model.version, arm, experiment_id, latency * 1000.0, time.time(), features)
         )
         results = [{"ad_id": a, "score": s, "grade_probs": [float(x) for x in p]} for a, s, p in zip(ad_ids, scores, probs)]
         return JSONResponse({"request_id": request_id, "model_version": model.version, "arm": arm, "experiment_id": experiment_id, "results": results})

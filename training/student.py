@@ -256,10 +256,15 @@ def pad_batch(ids: list[list[int]], types: list[list[int]], pad_id: int, device:
     return {"input_ids": input_ids.to(device), "attention_mask": mask.to(device), "token_type_ids": token_type_ids.to(device)}
 
 
+def description_read(description: str | None) -> str:
+    """The part of an ad's description the student reads (stripped, at most ``DESCRIPTION_CHARS``)."""
+    return (description or "").strip()[:DESCRIPTION_CHARS]
+
+
 def ad_text(title: str, description: str = "") -> str:
     """What the student reads of an ad: its title, then the start of its description."""
-    description = (description or "").strip()
-    return f"{title} {description[:DESCRIPTION_CHARS]}" if description else title
+    description = description_read(description)
+    return f"{title} {description}" if description else title
 
 
 def load_tokenizer(path: Path | None = None) -> Any:
