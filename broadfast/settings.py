@@ -156,9 +156,13 @@ class Settings(BaseSettings):
         default=None, description="Reference window (parquet of pairs, scored or not) for drift on live traffic. Default: the `data` set."
     )
     monitor_window_events: int = Field(default=200_000, ge=100, description="Most recent scored events read per monitoring window (and clicks/labels alike).")
+    monitor_current_rows: int = Field(default=5000, ge=100, description="Newest scored pairs each monitoring round tests for drift (and the size its references grow to): one size every round, so the noise does not change with the run's length.")
     monitor_sample_rows: int = Field(default=20_000, ge=100, description="Rows each drift window is sampled down to (bounds time and memory).")
     monitor_interval_s: float = Field(default=300.0, gt=0, description="Seconds between two monitoring rounds (`broadfast monitor`).")
     drift_share: float = Field(default=0.25, gt=0, le=1, description="Share of drifted columns at which a window counts as drifted.")
+    drift_num_threshold: float = Field(default=0.2, gt=0, description="A numerical column drifts when its normed Wasserstein distance to the reference reaches this (chosen in benchmarks/results/drift_alarms.md).")
+    drift_cat_threshold: float = Field(default=0.2, gt=0, le=1, description="A categorical column drifts when its Jensen-Shannon distance to the reference reaches this (chosen in benchmarks/results/drift_alarms.md).")
+    drift_alert_rounds: int = Field(default=2, ge=1, description="Drifted monitoring rounds in a row before a drift alert (1: alert on the first drifted round).")
     ab_alpha: float = Field(default=0.05, gt=0, lt=1, description="Significance level of the A/B CTR test (two-sided two-proportion z-test).")
     ab_min_impressions: int = Field(default=500, ge=1, description="Impressions each arm needs before the A/B test gives a verdict.")
     guardrail_max_error_rate: float = Field(default=0.05, ge=0, le=1, description="Challenger error rate (failed scorings) above which the guardrail trips.")

@@ -40,19 +40,17 @@ def load_window(path: Path, model: Path | None, settings: Settings) -> Any:
     return window_from_pairs(df)
 
 
-def _traffic_reference(settings: Settings, scored: Any) -> tuple[Any, str]:
+def _traffic_reference(settings: Settings) -> Any:
     from monitoring.errors import MonitoringError
-    from monitoring.workspace import load_reference
+    from monitoring.workspace import TRAFFIC_REFERENCE, load_reference
 
-    champion = scored[scored["arm"] == "champion"]
-    version = str((champion if len(champion) else scored)["model_version"].value_counts().index[0])
-    stored = load_reference(settings, version)
+    stored = load_reference(settings, TRAFFIC_REFERENCE)
     if stored is None:
         raise MonitoringError(
-            f"no reference window for model version {version}: pass --reference FILE, set BROADFAST_MONITOR_REFERENCE, "
-            "or let `broadfast monitor` store the first window it sees for the version"
+            "no reference window for the traffic: pass --reference FILE, set BROADFAST_MONITOR_REFERENCE, "
+            "or let `broadfast monitor` store the first window it sees"
         )
-    return stored, version
+    return stored
 
 
 @click.command()
@@ -67,8 +65,9 @@ def drift(reference: Path | None, current: Path | None, model: Path | None, out:
 
     \b
     Files:   broadfast drift --reference ref.parquet --current cur.parquet [--model DIR] --out DIR
-    Traffic: broadfast drift --out DIR   (relevance.scored + labels + hard cases; the reference is
-             --reference, BROADFAST_MONITOR_REFERENCE, or the window stored for the serving version)
+    Traffic: broadfast drift --out DIR   (relevance.scored + labels + hard cases of the serving
+             version: inputs against --reference, BROADFAST_MONITOR_REFERENCE or the first window
+             `broadfast monitor` stored; score and grade columns against the version's own first window)
     """
     from monitoring.drift import drift_report, write_report
     from monitoring.errors import MonitoringError
@@ -84,20 +83,27 @@ def drift(reference: Path | None, current: Path | None, model: Path | None, out:
         meta["current"] = str(current)
     else:
         from monitoring.traffic import read_recent
-        from monitoring.window import window_from_traffic
+        from monitoring.window import serving_version, window_from_traffic
 
         frames = read_recent(settings).frames()
         if frames["scored"].empty:
             raise MonitoringError(f"no scored traffic on {settings.topic('scored')} at {settings.kafka_bootstrap}")
-        cur_window = window_from_traffic(frames["scored"], frames["labels"], frames["hardcases"] if len(frames["hardcases"]) else None)
+        version, live = serving_version(frames["scored"])
+        cur_window = window_from_traffic(live, frames["labels"], frames["hardcases"] if len(frames["hardcases"]) else None)
         meta["current"] = f"traffic: last {len(cur_window)} scored events of {settings.topic('scored')}"
     if reference is not None:
         ref_window = load_window(reference, model, settings)
         meta["reference"] = str(reference)
     else:
-        ref_window, version = _traffic_reference(settings, frames["scored"])
-        meta["reference"] = f"stored window of model version {version}"
-    result = drift_report(ref_window, cur_window, settings, metadata=meta)
+        ref_window = _traffic_reference(settings)
+        meta["reference"] = "the traffic's first window (stored by `broadfast monitor`)"
+    if current is None:
+        from monitoring.monitor import compare_traffic
+        from monitoring.workspace import load_reference
+
+        result = compare_traffic(settings, ref_window, cur_window, version, load_reference(settings, version), metadata=meta)
+    else:
+        result = drift_report(ref_window, cur_window, settings, metadata=meta)
     paths = write_report(result, out)
     result.summary["snapshot_id"] = save_snapshot(settings, DRIFT_PROJECT, result.snapshot)
     paths["summary"].write_text(json.dumps(result.summary, indent=2, default=str))

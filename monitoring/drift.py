@@ -1,15 +1,21 @@
 """Drift reports: an Evidently ``DataDriftPreset`` over the tested columns of two windows.
 
 The reference window is what the serving model was trained and validated on (a file of
-pairs, or the window stored for the model version); the current one is recent traffic or
-a second file. Both are sampled to ``monitor_sample_rows`` rows (see
-:func:`monitoring.window.drift_frame`): Evidently's drift cost grows with the rows, and
-its statistical tests do not need millions of them.
+pairs, or the traffic's stored first window); the current one is recent traffic or a
+second file. The *model* columns (score, predicted grade, label agreement, hard cases) can
+have a reference of their own — ``model_reference`` against ``model_current``: the serving
+version's own first window against that version's recent rows — so that a new version is
+compared with itself, not with its predecessor's scores; the *input* columns always compare
+the traffic. Every part is sampled to ``monitor_sample_rows`` rows (see
+:func:`monitoring.window.drift_frame`): Evidently's drift cost grows with the rows, and its
+statistical tests do not need millions of them. Missing values are left out per column, so
+one report tests both kinds.
 
-A column drifts when Evidently's per-column drift test fails (its default method per
-column type and size: Kolmogorov–Smirnov / chi-squared p-values up to 1,000 rows,
-normed Wasserstein / Jensen–Shannon distances above, threshold 0.05 or 0.1). The window
-drifts when the share of drifted columns reaches ``drift_share``.
+A column drifts when its distance to the reference reaches a threshold: normed Wasserstein
+for numerical columns (``drift_num_threshold``), Jensen–Shannon for categorical ones
+(``drift_cat_threshold``) — at every window size, where Evidently's defaults switch to
+p-values below 1,000 rows. The window drifts when the share of drifted columns reaches
+``drift_share``.
 
 >>> import pandas as pd
 >>> from broadfast.settings import Settings
@@ -32,10 +38,14 @@ import pandas as pd
 
 from broadfast.settings import Settings
 from monitoring.errors import WindowError
-from monitoring.window import COLUMNS, drift_frame, window_stats
+from monitoring.window import COLUMNS, FREQ_ROWS, MODEL_COLUMNS, drift_frame, window_stats
 
 log = logging.getLogger(__name__)
 
+# Distances, not p-values, at every window size: the pairs of one request share its query, so a
+# test that takes them as independent samples finds "significant" drift in the noise of which
+# queries came; a distance has a threshold on the size of the change instead.
+NUM_METHOD, CAT_METHOD = "wasserstein", "jensenshannon"
 MIN_NON_NULL = 30  # a column is tested only when both windows have this many values
 VALUE_DRIFT = "evidently:metric_v2:ValueDrift"
 
@@ -48,11 +58,14 @@ class DriftResult:
     summary: dict[str, Any]
 
 
-def _column_kinds(ref: pd.DataFrame, cur: pd.DataFrame) -> tuple[list[str], list[str], dict[str, str]]:
+def _column_kinds(ref: pd.DataFrame, cur: pd.DataFrame, untested: dict[str, str]) -> tuple[list[str], list[str], dict[str, str]]:
     known = {c.name: c.kind for c in COLUMNS}
     numerical, categorical, skipped = [], [], {}
     names = [c.name for c in COLUMNS] + sorted(c for c in set(ref.columns) | set(cur.columns) if c.startswith("f_"))
     for name in names:
+        if name in untested:
+            skipped[name] = untested[name]
+            continue
         if name not in ref.columns or name not in cur.columns:
             where = "either window" if name not in ref.columns and name not in cur.columns else ("the reference" if name not in ref.columns else "the current window")
             skipped[name] = f"not in {where}"
@@ -70,25 +83,41 @@ def drift_report(
     current: pd.DataFrame,
     settings: Settings,
     *,
+    model_reference: pd.DataFrame | None = None,
+    model_current: pd.DataFrame | None = None,
+    untested: dict[str, str] | None = None,
     name: str | None = None,
     metadata: dict[str, Any] | None = None,
     seed: int = 0,
 ) -> DriftResult:
-    """Compare two windows (see :mod:`monitoring.window`); returns the snapshot and summary."""
+    """Compare two windows (see :mod:`monitoring.window`); returns the snapshot and summary.
+
+    ``model_reference`` / ``model_current``: windows for the model columns (both or neither);
+    ``untested``: columns left out on purpose, with the reason the summary gives.
+    """
     from evidently import DataDefinition, Dataset, Report
     from evidently.presets import DataDriftPreset
 
+    if (model_reference is None) != (model_current is None):
+        raise WindowError("model columns need both a reference and a current window, or neither")
     t0 = time.perf_counter()
-    ref = drift_frame(reference, sample_rows=settings.monitor_sample_rows, seed=seed)
-    cur = drift_frame(current, sample_rows=settings.monitor_sample_rows, seed=seed + 1)
-    numerical, categorical, skipped = _column_kinds(ref, cur)
+    freq_rows = min(len(reference), len(current), FREQ_ROWS)  # one sample size for both windows' query frequency
+    ref = drift_frame(reference, sample_rows=settings.monitor_sample_rows, freq_rows=freq_rows, seed=seed)
+    cur = drift_frame(current, sample_rows=settings.monitor_sample_rows, freq_rows=freq_rows, seed=seed + 1)
+    if model_reference is not None and model_current is not None:
+        ref, cur = _with_model_columns(ref, model_reference, settings, seed + 2), _with_model_columns(cur, model_current, settings, seed + 3)
+    numerical, categorical, skipped = _column_kinds(ref, cur, untested or {})
     tested = numerical + categorical
     if not tested:
         raise WindowError("no column can be compared between the two windows")
     ref, cur = ref[tested], cur[tested]
     definition = DataDefinition(numerical_columns=numerical, categorical_columns=categorical)
     meta = {k: str(v) for k, v in (metadata or {}).items()}
-    report = Report([DataDriftPreset(columns=tested, drift_share=settings.drift_share)], include_tests=True, metadata=meta, tags=["drift"])
+    preset = DataDriftPreset(
+        columns=tested, drift_share=settings.drift_share,
+        num_method=NUM_METHOD, cat_method=CAT_METHOD, num_threshold=settings.drift_num_threshold, cat_threshold=settings.drift_cat_threshold,
+    )  # fmt: skip
+    report = Report([preset], include_tests=True, metadata=meta, tags=["drift"])
     snapshot = report.run(
         Dataset.from_pandas(cur, data_definition=definition),
         Dataset.from_pandas(ref, data_definition=definition),
@@ -115,6 +144,15 @@ def drift_report(
         len(drifted), len(tested), ", ".join(drifted) or "none", " → DRIFT" if summary["drift_detected"] else "", summary["elapsed_s"],
     )
     return DriftResult(snapshot, summary)
+
+
+def _with_model_columns(inputs: pd.DataFrame, window: pd.DataFrame, settings: Settings, seed: int) -> pd.DataFrame:
+    """``inputs``' input columns stacked with ``window``'s model columns (each part's other columns missing)."""
+    keep = [c for c in inputs.columns if c not in MODEL_COLUMNS]
+    if window.empty:
+        return inputs[keep]
+    model = drift_frame(window, sample_rows=settings.monitor_sample_rows, seed=seed)
+    return pd.concat([inputs[keep], model[[c for c in model.columns if c in MODEL_COLUMNS]]], ignore_index=True)
 
 
 def _column_results(report: dict[str, Any]) -> dict[str, dict[str, Any]]:

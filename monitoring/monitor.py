@@ -3,10 +3,21 @@
 Each round works on the rolling :class:`~monitoring.traffic.TrafficWindow` that the
 monitor's consumer group keeps filling (dead-lettering what does not validate):
 
-1. **drift** of the current window against the reference: the ``--reference`` file or
-   ``BROADFAST_MONITOR_REFERENCE`` when given, else the window stored for the serving
-   model version; the first window seen for a version becomes its stored reference.
-   Drift raises an ``Alert(kind="drift")``.
+1. **drift** of the newest ``monitor_current_rows`` scored pairs — a window of one size every
+   round, so its noise does not change with the run's length and a shift fills it within a
+   round or two:
+
+   - the *input* columns (query and title lengths, overlap, query frequency, stream
+     counters) against the traffic's reference: the ``--reference`` file or
+     ``BROADFAST_MONITOR_REFERENCE`` when given, else the first window the monitor saw
+     (kept across model versions: a swap changes the scores, not the traffic), grown to the
+     current window's size;
+   - the *model* columns (score, predicted grade, label agreement, hard cases) of the serving
+     version's rows against that version's own reference — its first rows, stored when it
+     first serves — so a model swap is never reported as data drift.
+
+   A drifted round alone is noted; ``drift_alert_rounds`` drifted rounds in a row raise an
+   ``Alert(kind="drift")`` (choice measured in ``benchmarks/drift_alarms.py``).
 2. **A/B**, when an experiment runs (:mod:`serving.experiments`): the comparison of
    :mod:`monitoring.ab`. A tripped guardrail raises ``Alert(kind="guardrail",
    severity="critical")`` and, with ``auto_rollback``, rolls the experiment back; a
@@ -35,10 +46,11 @@ from monitoring.ab import compare
 from monitoring.drift import drift_report, write_report
 from monitoring.errors import WindowError
 from monitoring.traffic import TOPICS, TrafficWindow
-from monitoring.window import window_from_traffic
+from monitoring.window import MODEL_COLUMNS, serving_version, window_from_traffic
 from monitoring.workspace import (
     AB_PROJECT,
     DRIFT_PROJECT,
+    TRAFFIC_REFERENCE,
     load_reference,
     save_reference,
     save_snapshot,
@@ -46,6 +58,21 @@ from monitoring.workspace import (
 from streams.events import Alert, finite_or_null, now
 
 log = logging.getLogger(__name__)
+
+MIN_REFERENCE_ROWS = 300  # rows a first window needs to become a reference
+REFERENCE_COLUMNS = {"request_id", "ts", "query", "title", "score", "label", "hard_case", "model_version"}  # + p_*, f_*
+
+
+def compare_traffic(settings: Settings, reference: pd.DataFrame, current: pd.DataFrame, version: str, own: pd.DataFrame | None, *, name: str | None = None, metadata: dict[str, Any] | None = None) -> Any:
+    """Drift of a traffic window (:func:`monitoring.window.window_from_traffic`): its input columns
+    against ``reference``; the model columns of ``version``'s rows against ``own``, that version's own
+    reference (untested, with the reason, while it has none)."""
+    mine = current[current["model_version"] == version] if "model_version" in current.columns else current
+    meta = {"model_version": version, "model_reference": "none yet" if own is None else f"first {len(own)} rows of {version}"} | (metadata or {})
+    if own is None:
+        why = f"model version {version} has no reference window yet (its first rows become one): a version is compared only with itself"
+        return drift_report(reference, current, settings, untested={c: why for c in MODEL_COLUMNS}, name=name, metadata=meta)
+    return drift_report(reference, current, settings, model_reference=own, model_current=mine, name=name, metadata=meta)
 
 
 @dataclass
@@ -74,6 +101,7 @@ class Monitor:
         self.store = store
         self.reference = reference
         self.out_root = out_root or settings.home / "monitoring" / "rounds"
+        self.streak = 0  # drifted rounds in a row
 
     # -- one round ---------------------------------------------------------------------------
     def run_round(self, window: TrafficWindow) -> RoundResult:
@@ -93,38 +121,53 @@ class Monitor:
         )
         return result
 
-    def _reference_for(self, version: str, current: pd.DataFrame, result: RoundResult) -> pd.DataFrame | None:
-        if self.reference is not None:
-            return self.reference
-        stored = load_reference(self.settings, version)
-        if stored is not None:
+    def _reference(self, key: str, rows: pd.DataFrame, result: RoundResult, what: str) -> pd.DataFrame | None:
+        """The stored reference ``key``: the first rows seen (arrival order), grown round by round
+        until it holds ``monitor_current_rows`` — as many as the current window, so both carry the
+        same noise. Returns it as it was *before* this round's rows joined (None while it is first
+        taken): a window is never compared with itself."""
+        target = self.settings.monitor_current_rows
+        stored = load_reference(self.settings, key)
+        if stored is not None and (len(stored) >= target or "ts" not in stored.columns):
             return stored
-        keep = [c for c in current.columns if c in {"query", "title", "score", "label", "hard_case"} or c.startswith(("p_", "f_"))]
-        save_reference(self.settings, version, current[keep].sample(min(len(current), self.settings.monitor_sample_rows * 2), random_state=0))
-        result.notes.append(f"no reference for model version {version}: this window is now its reference; drift is reported from the next round")
-        return None
+        newer = rows if stored is None else rows[rows["ts"] > stored["ts"].max()]
+        grown = (newer if stored is None else pd.concat([stored, newer], ignore_index=True)).head(target)
+        if len(grown) < MIN_REFERENCE_ROWS:
+            result.notes.append(f"collecting a reference for {what}: {len(grown)} of {MIN_REFERENCE_ROWS} rows so far")
+            return None
+        if stored is None or len(grown) > len(stored):
+            keep = [c for c in grown.columns if c in REFERENCE_COLUMNS or c.startswith(("p_", "f_"))]
+            save_reference(self.settings, key, grown[keep])
+            result.notes.append(f"reference of {what}: {len(grown)} of {target} rows" + (" (tested from the next round)" if stored is None else ""))
+        return stored
 
     def _drift(self, frames: dict[str, pd.DataFrame], result: RoundResult) -> None:
         scored = frames["scored"]
         if scored.empty:
             result.notes.append("no scored traffic in the window: no drift report")
             return
-        champion = scored[scored["arm"] == "champion"]
-        live = champion if len(champion) else scored
-        version = str(live["model_version"].value_counts().index[0])
-        current = window_from_traffic(live, frames["labels"], frames["hardcases"] if len(frames["hardcases"]) else None)
-        reference = self._reference_for(version, current, result)
+        version, live = serving_version(scored)
+        window = window_from_traffic(live, frames["labels"], frames["hardcases"] if len(frames["hardcases"]) else None)
+        current = window.tail(self.settings.monitor_current_rows)
+        reference = self.reference if self.reference is not None else self._reference(TRAFFIC_REFERENCE, window, result, "the traffic (input columns)")
+        own = self._reference(version, window[window["model_version"] == version], result, f"model version {version} (score, grade, agreement and hard-case columns)")
         if reference is None:
             return
         try:
-            report = drift_report(reference, current, self.settings, name=f"drift {version} {time.strftime('%Y-%m-%d %H:%M:%S')}", metadata={"model_version": version})
+            report = compare_traffic(self.settings, reference, current, version, own, name=f"drift {version} {time.strftime('%Y-%m-%d %H:%M:%S')}")
         except WindowError as exc:
             result.notes.append(f"no drift report: {exc}")
             return
+        detected = bool(report.summary["drift_detected"])
+        self.streak = self.streak + 1 if detected else 0
+        alert = detected and self.streak >= self.settings.drift_alert_rounds
+        report.summary |= {"rounds_in_a_row": self.streak, "alert": alert, "alert_after_rounds": self.settings.drift_alert_rounds}
         write_report(report, result.out_dir / "drift")
         report.summary["snapshot_id"] = save_snapshot(self.settings, DRIFT_PROJECT, report.snapshot)
         result.drift = report.summary
-        if report.summary["drift_detected"]:
+        if detected and not alert:
+            result.notes.append(f"drift in this round ({', '.join(report.summary['drifted_columns'])}): {self.streak} of {self.settings.drift_alert_rounds} rounds in a row needed for an alert")
+        if alert:
             result.alerts.append(
                 Alert(
                     kind="drift",
@@ -133,6 +176,7 @@ class Monitor:
                         "model_version": version,
                         "drifted_columns": report.summary["drifted_columns"],
                         "drifted_share": report.summary["drifted_share"],
+                        "rounds_in_a_row": self.streak,
                         "report": str(result.out_dir / "drift" / "drift.html"),
                     }),
                     ts=now(),

@@ -36,6 +36,9 @@ def workspace_path(settings: Settings) -> Path:
     return settings.monitor_workspace or settings.home / "monitoring" / "workspace"
 
 
+TRAFFIC_REFERENCE = "_traffic"  # the reference window of the input columns (the traffic, whatever version serves it)
+
+
 def references_path(settings: Settings) -> Path:
     return workspace_path(settings).parent / "references"
 

@@ -10,11 +10,12 @@ import pandas as pd
 import pytest
 
 from broadfast.settings import Settings
+from monitoring.drift import drift_report
 from monitoring.monitor import Monitor
 from monitoring.simulate import noisy_oracle, shuffled, simulate_ab, to_events
 from monitoring.traffic import TrafficWindow, read_recent
 from monitoring.window import window_from_pairs, window_from_traffic
-from monitoring.workspace import load_reference
+from monitoring.workspace import TRAFFIC_REFERENCE, load_reference
 from serving.experiments import Experiment, ExperimentStore
 from streams.events import Alert, HardCase, Perspective, TeacherLabel, decode, pair_id
 from tests.conftest import read_topic
@@ -24,10 +25,12 @@ GOOD = noisy_oracle()
 SOLO = Experiment("none", "v-champ", "v-chall", 1e-9, "salt", "running", 0.0)  # everyone on the champion
 
 
-def traffic(df: pd.DataFrame, n_requests: int, seed: int = 0, experiment: Experiment = SOLO, models=None) -> TrafficWindow:
-    scored_df, clicks = simulate_ab(df, experiment, models or {"champion": GOOD, "challenger": GOOD}, n_requests=n_requests, seed=seed)
+def traffic(df: pd.DataFrame, n_requests: int, seed: int = 0, experiment: Experiment = SOLO, models=None, version: str | None = None) -> TrafficWindow:
+    scored_df, clicks = simulate_ab(df, experiment, models or {"champion": GOOD, "challenger": GOOD}, n_requests=n_requests, seed=seed, start_ts=1.7e9 + 1e5 * seed)
     if experiment is SOLO:
         scored_df["experiment_id"] = None
+    if version is not None:
+        scored_df["model_version"] = version
     window = TrafficWindow(100_000)
     for event in to_events(scored_df, clicks):
         window.add(event)
@@ -43,18 +46,22 @@ def label(query: str, ad_id: str, grade: int) -> TeacherLabel:
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
-    return Settings(home=tmp_path / "home", monitor_sample_rows=5000, ab_min_impressions=500)
+    return Settings(home=tmp_path / "home", monitor_sample_rows=5000, monitor_current_rows=2000, ab_min_impressions=500)
 
 
-def test_unshifted_traffic_raises_no_alert_and_shifted_traffic_does(settings: Settings, homedepot_dev: pd.DataFrame, crowdflower_dev: pd.DataFrame) -> None:
+def test_unshifted_traffic_raises_no_alert_and_shifted_traffic_does_when_it_holds(settings: Settings, homedepot_dev: pd.DataFrame, crowdflower_dev: pd.DataFrame) -> None:
+    assert settings.drift_alert_rounds == 2
     monitor = Monitor(settings, reference=window_from_pairs(scored(homedepot_dev)))
     calm = monitor.run_round(traffic(homedepot_dev, 1000, seed=1))
     assert calm.drift is not None and calm.drift["drift_detected"] is False, calm.drift["drifted_columns"]
     assert calm.alerts == []
-    shifted = monitor.run_round(traffic(crowdflower_dev, 300, seed=2))
-    assert shifted.drift["drift_detected"] is True
+    first = monitor.run_round(traffic(crowdflower_dev, 300, seed=2))
+    assert first.drift["drift_detected"] is True and first.drift["alert"] is False and first.alerts == []  # one drifted round is noted, not alerted
+    assert any("1 of 2 rounds in a row" in n for n in first.notes), first.notes
+    shifted = monitor.run_round(traffic(crowdflower_dev, 300, seed=3))
+    assert shifted.drift["drift_detected"] is True and shifted.drift["rounds_in_a_row"] == 2
     (alert,) = shifted.alerts
-    assert alert.kind == "drift" and "query_tokens" in alert.details["drifted_columns"]
+    assert alert.kind == "drift" and {"query_tokens", "token_overlap"} & set(alert.details["drifted_columns"])  # input columns, not only the score
     assert Path(alert.details["report"]).exists()
     assert json.loads((shifted.out_dir / "drift" / "summary.json").read_text())["drift_detected"] is True
     assert json.loads((shifted.out_dir / "round.json").read_text())["alerts"][0]["kind"] == "drift"
@@ -63,10 +70,28 @@ def test_unshifted_traffic_raises_no_alert_and_shifted_traffic_does(settings: Se
 def test_first_window_of_a_version_becomes_its_reference(settings: Settings, homedepot_dev: pd.DataFrame) -> None:
     monitor = Monitor(settings)
     first = monitor.run_round(traffic(homedepot_dev, 400, seed=3))
-    assert first.drift is None and "reference" in first.notes[0]
-    assert load_reference(settings, "v-champ") is not None
+    assert first.drift is None and any("reference of the traffic" in n for n in first.notes), first.notes
+    assert load_reference(settings, TRAFFIC_REFERENCE) is not None and load_reference(settings, "v-champ") is not None
     second = monitor.run_round(traffic(homedepot_dev, 400, seed=4))
     assert second.drift is not None and second.drift["metadata"]["model_version"] == "v-champ"
+    assert "score" in second.drift["tested_columns"] and "query_freq" in second.drift["tested_columns"]
+
+
+def test_stationary_traffic_across_a_model_swap_raises_no_drift(settings: Settings, homedepot_dev: pd.DataFrame) -> None:
+    """A new version's scores are compared with its own first window, never with its predecessor's."""
+    sharp = {"champion": noisy_oracle(strength=4.0, noise=0.5), "challenger": GOOD}
+    old, new = traffic(homedepot_dev, 400, seed=5, version="v1"), traffic(homedepot_dev, 400, seed=6, models=sharp, version="v2")
+    # the swap is visible: against v1's window, v2's scores drift
+    swap = drift_report(window_from_traffic(old.frames()["scored"]), window_from_traffic(new.frames()["scored"]), settings)
+    assert "score" in swap.summary["drifted_columns"]
+
+    monitor = Monitor(settings)
+    rounds = [monitor.run_round(w) for w in (old, traffic(homedepot_dev, 400, seed=7, version="v1"), new, traffic(homedepot_dev, 400, seed=8, models=sharp, version="v2"), traffic(homedepot_dev, 400, seed=9, models=sharp, version="v2"))]
+    for r in rounds[1:]:
+        assert r.drift is not None and r.drift["drift_detected"] is False and r.alerts == [], (r.drift["drifted_columns"], r.notes)
+    assert "score" in rounds[2].drift["skipped_columns"]  # v2's first round: its own reference is being taken
+    assert "score" in rounds[3].drift["tested_columns"] and rounds[3].drift["metadata"]["model_version"] == "v2"
+    assert rounds[4].drift["columns"]["score"]["drifted"] is False
 
 
 @pytest.mark.integration
