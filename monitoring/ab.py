@@ -12,6 +12,9 @@ outcome counters kept with the experiment (:mod:`serving.experiments`), per arm:
   Evidently classification reports per arm where enough labels exist;
 - **latency** p50 / p99 per request; **error rate** from the serving counters.
 
+These figures are also saved as an Evidently report (``arms``, :func:`arms_report`), so that
+the workspace dashboards (:mod:`monitoring.dashboards`) can plot them round by round.
+
 Verdict, in this order:
 
 1. **roll back** when a guardrail trips: the challenger's CTR is significantly below the
@@ -44,6 +47,9 @@ log = logging.getLogger(__name__)
 
 Verdict = Literal["keep_running", "promote", "roll_back"]
 MIN_LABELLED = 30  # labelled pairs an arm needs for its classification report
+ARMS = ("champion", "challenger")
+# ArmStats figures kept in the ``arms`` report (one column per arm and figure; see arms_report)
+ARM_FIGURES = ("ctr", "ctr_ci95_low", "ctr_ci95_high", "teacher_agreement", "score_mean", "latency_p99_ms", "error_rate")
 Z_95 = 1.959963984540054
 
 
@@ -207,6 +213,7 @@ def compare(
     result = ABResult(exp_id, arms, lift, z, p, verdict, reason, tripped)
     if reports and len(mine):
         result.snapshots = evidently_reports(mine, experiment, settings.monitor_sample_rows)
+        result.snapshots["arms"] = arms_report(result, experiment)
     log.info("A/B %s: %s — %s", exp_id, verdict, reason)
     return result
 
@@ -237,8 +244,36 @@ def evidently_reports(scored: pd.DataFrame, experiment: Any, sample_rows: int = 
         if len(rows) < MIN_LABELLED:
             continue
         data = pd.DataFrame({"label": rows["label"].astype(int).astype(str).to_numpy(), "pred_grade": rows["pred_grade"].to_numpy()})
-        dd = DataDefinition(categorical_columns=["label", "pred_grade"], classification=[MulticlassClassification(target="label", prediction_labels="pred_grade")])
-        out[f"classification_{arm}"] = Report([ClassificationPreset()], metadata=meta | {"arm": arm}, tags=["ab", "classification", arm]).run(
+        # named after the arm: a dashboard series tells the arms apart by the metric's classification_name
+        dd = DataDefinition(categorical_columns=["label", "pred_grade"], classification=[MulticlassClassification(name=arm, target="label", prediction_labels="pred_grade")])
+        out[f"classification_{arm}"] = Report([ClassificationPreset(classification_name=arm)], metadata=meta | {"arm": arm}, tags=["ab", "classification", arm]).run(
             Dataset.from_pandas(data, data_definition=dd), None, name=f"A/B {experiment.experiment_id}: {arm} vs labels"
         )
     return out
+
+
+def arm_column(arm: str, figure: str) -> str:
+    """Column of the ``arms`` report holding ``figure`` (one of :data:`ARM_FIGURES`) of ``arm``."""
+    return f"{arm}_{figure}"
+
+
+def arms_report(result: ABResult, experiment: Any) -> Any:
+    """The comparison's figures as an Evidently report: a one-row frame with a column per arm and
+    figure (``champion_ctr``, ``challenger_ctr_ci95_low``, …, see :func:`arm_column`) and the
+    test's ``p_value``, each under a ``MeanValue`` — the mean of one value is the value. Evidently
+    keeps nothing but metric results, and this is how the dashboards plot an arm's CTR with its
+    Wilson interval round by round. A figure an arm does not have yet (no labels, no served
+    requests) is left out."""
+    from evidently import DataDefinition, Dataset, Report
+    from evidently.metrics import MeanValue
+
+    row: dict[str, float] = {"p_value": float(result.p_value)}
+    for arm in ARMS:
+        stats = vars(result.arms[arm]) | dict(zip(("ctr_ci95_low", "ctr_ci95_high"), result.arms[arm].ctr_ci95))
+        row |= {arm_column(arm, f): float(stats[f]) for f in ARM_FIGURES if stats.get(f) is not None and math.isfinite(stats[f])}
+    frame = pd.DataFrame([row])
+    meta = {"experiment_id": experiment.experiment_id, "champion": experiment.champion, "challenger": experiment.challenger}
+    return Report([MeanValue(column=c, tests=[]) for c in frame.columns], metadata=meta, tags=["ab", "arms"]).run(
+        Dataset.from_pandas(frame, data_definition=DataDefinition(numerical_columns=list(frame.columns))), None,
+        name=f"A/B {experiment.experiment_id}: arms (CTR and its 95% interval, agreement, score, latency, errors)",
+    )

@@ -17,6 +17,10 @@ for numerical columns (``drift_num_threshold``), Jensen–Shannon for categorica
 p-values below 1,000 rows. The window drifts when the share of drifted columns reaches
 ``drift_share``.
 
+The report also holds the current window's mean of the tested model columns in
+:data:`MEAN_COLUMNS` (score, label agreement, hard-case rate; Evidently ``MeanValue``, no
+tests): the figures the drift dashboard plots round by round (:mod:`monitoring.dashboards`).
+
 >>> import pandas as pd
 >>> from broadfast.settings import Settings
 >>> ref = pd.DataFrame({"query": ["a b"] * 50 + ["c"] * 50, "title": ["a x"] * 100})
@@ -48,6 +52,7 @@ log = logging.getLogger(__name__)
 NUM_METHOD, CAT_METHOD = "wasserstein", "jensenshannon"
 MIN_NON_NULL = 30  # a column is tested only when both windows have this many values
 VALUE_DRIFT = "evidently:metric_v2:ValueDrift"
+MEAN_COLUMNS = ("score", "label_agreement", "hard_case")  # their current means go into the report as MeanValue
 
 
 @dataclass
@@ -96,6 +101,7 @@ def drift_report(
     ``untested``: columns left out on purpose, with the reason the summary gives.
     """
     from evidently import DataDefinition, Dataset, Report
+    from evidently.metrics import MeanValue
     from evidently.presets import DataDriftPreset
 
     if (model_reference is None) != (model_current is None):
@@ -117,7 +123,8 @@ def drift_report(
         columns=tested, drift_share=settings.drift_share,
         num_method=NUM_METHOD, cat_method=CAT_METHOD, num_threshold=settings.drift_num_threshold, cat_threshold=settings.drift_cat_threshold,
     )  # fmt: skip
-    report = Report([preset], include_tests=True, metadata=meta, tags=["drift"])
+    means = [MeanValue(column=c, tests=[]) for c in MEAN_COLUMNS if c in numerical]
+    report = Report([preset, *means], include_tests=True, metadata=meta, tags=["drift"])
     snapshot = report.run(
         Dataset.from_pandas(cur, data_definition=definition),
         Dataset.from_pandas(ref, data_definition=definition),

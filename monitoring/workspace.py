@@ -1,7 +1,8 @@
 """The Evidently workspace: where every report is kept as a snapshot, and what the UI shows.
 
 Two projects hold the snapshots: ``broadfast drift`` (one per drift report) and
-``broadfast A/B`` (score-distribution and per-arm classification reports). The folder is
+``broadfast A/B`` (score-distribution, per-arm classification and arm-figure reports), each
+with the dashboard panels of :mod:`monitoring.dashboards`. The folder is
 ``BROADFAST_MONITOR_WORKSPACE`` (default ``<home>/monitoring/workspace``); reference
 windows kept per model version live beside it in ``references/``.
 
@@ -53,13 +54,19 @@ def open_workspace(settings: Settings) -> Any:
 
 
 def project_id(workspace: Any, name: str) -> Any:
-    """Id of the project called ``name``, created when missing."""
+    """Id of the project called ``name``, created when missing; its dashboard panels are
+    written when missing or changed (:func:`monitoring.dashboards.ensure_dashboard`)."""
+    from monitoring.dashboards import ensure_dashboard
+
     found = workspace.search_project(name)
     if found:
-        return found[0].id
-    project = workspace.create_project(name, description=PROJECTS.get(name))
-    project.save()
-    return project.id
+        pid = found[0].id
+    else:
+        project = workspace.create_project(name, description=PROJECTS.get(name))
+        project.save()
+        pid = project.id
+    ensure_dashboard(workspace, pid, name)
+    return pid
 
 
 def save_snapshot(settings: Settings, project: str, snapshot: Any, name: str | None = None) -> str:

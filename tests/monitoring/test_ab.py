@@ -11,7 +11,7 @@ import pytest
 from scipy import stats
 
 from broadfast.settings import Settings
-from monitoring.ab import compare, two_proportion_z, wilson_interval
+from monitoring.ab import arm_column, compare, two_proportion_z, wilson_interval
 from monitoring.simulate import noisy_oracle, shuffled, simulate_ab
 from serving.experiments import Experiment
 
@@ -54,8 +54,15 @@ def test_worse_challenger_is_rolled_back(settings: Settings, homedepot_dev: pd.D
     # shuffling keeps the score distribution; the grades it predicts no longer match the labels
     assert abs(chall.score_mean - champ.score_mean) < 0.02
     assert champ.teacher_agreement > chall.teacher_agreement + 0.2
-    assert set(result.snapshots) == {"scores", "classification_champion", "classification_challenger"}
+    assert set(result.snapshots) == {"scores", "classification_champion", "classification_challenger", "arms"}
     json.dumps(result.to_dict(), default=str)  # JSON-ready
+    # the arms report carries the figures the A/B dashboard plots, one MeanValue each
+    figures = {m["config"]["column"]: m["value"] for m in result.snapshots["arms"].dict()["metrics"]}
+    for arm, arm_stats in result.arms.items():
+        assert math.isclose(figures[arm_column(arm, "ctr")], arm_stats.ctr) and math.isclose(figures[arm_column(arm, "teacher_agreement")], arm_stats.teacher_agreement)
+        assert (figures[arm_column(arm, "ctr_ci95_low")], figures[arm_column(arm, "ctr_ci95_high")]) == pytest.approx(arm_stats.ctr_ci95)
+    assert figures["p_value"] == pytest.approx(result.p_value) and arm_column("challenger", "error_rate") not in figures  # no serving counters: left out
+    assert not result.snapshots["arms"].dict()["tests"]
 
 
 def test_better_challenger_is_recommended_for_promotion(settings: Settings, homedepot_dev: pd.DataFrame) -> None:

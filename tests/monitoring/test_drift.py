@@ -35,6 +35,12 @@ def test_same_distribution_does_not_drift(settings: Settings, homedepot_train: p
     assert s["drifted_share"] < settings.drift_share
     assert {"query_tokens", "title_tokens", "token_overlap", "query_freq", "score", "pred_grade", "label_agreement"} <= set(s["tested_columns"])
     assert s["reference"]["sampled_rows"] == 5000 and s["reference"]["rows"] == len(ref)
+    # the current means the drift dashboard plots (MeanValue, no tests of their own)
+    report = result.snapshot.dict()
+    means = {m["config"]["column"]: m["value"] for m in report["metrics"] if m["config"]["type"].endswith(":MeanValue")}
+    assert means.keys() == {"score", "label_agreement"}  # no hard_case column in a file of pairs
+    assert means["score"] == pytest.approx(s["current"]["score_mean"], abs=1e-6) and means["label_agreement"] == pytest.approx(s["current"]["label_agreement"], abs=1e-6)
+    assert all(t["metric_config"]["params"]["type"].endswith(("ValueDrift", "DriftedColumnsCount")) for t in report["tests"])
 
 
 def test_another_data_set_drifts(settings: Settings, homedepot_train: pd.DataFrame, crowdflower_dev: pd.DataFrame) -> None:

@@ -7,39 +7,51 @@ temporary folder; the test prints where.
 
 from __future__ import annotations
 
+import html
 import os
+import re
 import shutil
 import socket
 import struct
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pandas as pd
 import pytest
 
 from broadfast.settings import Settings
+from monitoring.ab import compare
+from monitoring.dashboards import PANELS
 from monitoring.drift import drift_report
+from monitoring.simulate import noisy_oracle, shuffled, simulate_ab
 from monitoring.window import window_from_pairs
 from monitoring.workspace import (
+    AB_PROJECT,
     DRIFT_PROJECT,
     open_workspace,
     project_id,
     save_snapshot,
 )
-from tests.monitoring.conftest import scored
+from serving.experiments import Experiment
+from tests.monitoring.conftest import lengthen_queries, scored, split_by_query
+from tests.monitoring.test_ab import labels_for
 
 CHROMIUM_FLAGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
     "--disable-component-update", "--disable-sync", "--virtual-time-budget=15000",
+    "--force-prefers-reduced-motion",  # the dashboard charts draw at once instead of animating into the screenshot
 ]  # fmt: skip
 
 
-def free_port() -> int:
+def free_port(host: str) -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 
@@ -70,17 +82,15 @@ def artifacts(tmp_path: Path) -> Path:
     return out
 
 
-def test_ui_page_loads_in_headless_chromium(tmp_path: Path, artifacts: Path, homedepot_dev: pd.DataFrame, crowdflower_dev: pd.DataFrame) -> None:
-    settings = Settings(home=tmp_path / "home", monitor_sample_rows=3000)
-    result = drift_report(window_from_pairs(scored(homedepot_dev)), window_from_pairs(scored(crowdflower_dev)), settings, name="ui test drift")
-    snapshot_id = save_snapshot(settings, DRIFT_PROJECT, result.snapshot)
-    project = project_id(open_workspace(settings), DRIFT_PROJECT)
-
-    port = free_port()
-    env = os.environ | {"BROADFAST_HOME": str(settings.home), "BROADFAST_UI_PORT": str(port), "BROADFAST_UI_HOST": "127.0.0.1"}
+@contextmanager
+def serve_ui(settings: Settings, tmp_path: Path) -> Iterator[str]:
+    """``broadfast ui`` over ``settings.home``'s workspace on a free port; yields its base URL."""
+    host = Settings().ui_host
+    port = free_port(host)
+    env = os.environ | {"BROADFAST_HOME": str(settings.home), "BROADFAST_UI_PORT": str(port), "BROADFAST_UI_HOST": host}
     log = (tmp_path / "ui.log").open("w")
     proc = subprocess.Popen([sys.executable, "-m", "broadfast.cli", "ui"], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
+    base = f"http://{host}:{port}"
     try:
         deadline = time.monotonic() + 90
         while True:
@@ -92,6 +102,24 @@ def test_ui_page_loads_in_headless_chromium(tmp_path: Path, artifacts: Path, hom
                 pass
             assert time.monotonic() < deadline, "the UI did not answer within 90 s"
             time.sleep(0.5)
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def test_ui_page_loads_in_headless_chromium(tmp_path: Path, artifacts: Path, homedepot_dev: pd.DataFrame, crowdflower_dev: pd.DataFrame) -> None:
+    settings = Settings(home=tmp_path / "home", monitor_sample_rows=3000)
+    result = drift_report(window_from_pairs(scored(homedepot_dev)), window_from_pairs(scored(crowdflower_dev)), settings, name="ui test drift")
+    snapshot_id = save_snapshot(settings, DRIFT_PROJECT, result.snapshot)
+    project = project_id(open_workspace(settings), DRIFT_PROJECT)
+
+    with serve_ui(settings, tmp_path) as base:
         projects = {p["name"] for p in httpx.get(f"{base}/api/projects", timeout=10).json()}
         assert {"broadfast drift", "broadfast A/B"} <= projects
 
@@ -105,11 +133,102 @@ def test_ui_page_loads_in_headless_chromium(tmp_path: Path, artifacts: Path, hom
             shot = artifacts / name
             browse(url, tmp_path / f"chrome-{name}", f"--screenshot={shot}", "--window-size=1400,1400")
             assert shot.exists() and png_size(shot) == (1400, 1400) and shot.stat().st_size > 10_000
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+
+
+def with_hard_cases(window: pd.DataFrame, rate: float, seed: int) -> pd.DataFrame:
+    """``window`` with a ``hard_case`` column: each pair sent to the teacher with probability ``rate``."""
+    out = window.copy()
+    out["hard_case"] = (np.random.default_rng(seed).random(len(out)) < rate).astype(float)
+    return out
+
+
+def panels_on_page(dom: str, titles: list[str]) -> dict[str, tuple[list[str], str]]:
+    """Each panel of a dashboard page: its text lines and its HTML (from its title to the next panel's)."""
+    body = re.sub(r"<(style|script)\b.*?</\1>", "", dom, flags=re.S)
+    at = {t: body.find(f">{html.escape(t, quote=False)}<") for t in titles}
+    missing = [t for t, i in at.items() if i < 0]
+    assert not missing, f"panels missing from the page: {missing}"
+    starts = [at[t] for t in titles]
+    assert starts == sorted(starts), "panels out of order"
+    out = {}
+    for t, a, b in zip(titles, starts, starts[1:] + [len(body)]):
+        part = body[a + 1 : b]
+        lines = [html.unescape(x).strip() for x in re.split(r"<[^>]+>", part)]
+        out[t] = ([x for x in lines if x][1:], part)  # [1:]: the title itself
+    return out
+
+
+def test_dashboards_show_their_panels_with_data(tmp_path: Path, artifacts: Path, homedepot_dev: pd.DataFrame, crowdflower_dev: pd.DataFrame) -> None:
+    """A few drift rounds and A/B rounds saved as the monitor saves them: both project dashboards
+    open in Chromium with every panel plotting its series (a panel without data has no legend)."""
+    settings = Settings(home=tmp_path / "home", monitor_sample_rows=3000)
+    ref, rest = split_by_query(homedepot_dev)
+    reference = with_hard_cases(window_from_pairs(scored(ref, 1)), 0.1, 1)
+    # The charts label their x axis by snapshot time to the second, and rounds within one second
+    # share a label (a monitor's rounds are minutes apart): each round here starts in a new second.
+    for i, current in enumerate((rest, crowdflower_dev, lengthen_queries(rest))):
+        time.sleep(1.0)
+        result = drift_report(reference, with_hard_cases(window_from_pairs(scored(current, i + 2)), 0.1 + 0.05 * i, i + 2), settings, name=f"ui test drift {i}")
+        save_snapshot(settings, DRIFT_PROJECT, result.snapshot)
+    exp = Experiment("exp-ui", "v-champ", "v-chall", 0.5, "salt", "running", 0.0)
+    for seed in (1, 2):
+        time.sleep(1.0)
+        scored_df, clicks = simulate_ab(homedepot_dev, exp, {"champion": noisy_oracle(), "challenger": shuffled(noisy_oracle())}, n_requests=600, seed=seed)
+        counts = {"champion": {"requests": 300, "errors": 1}, "challenger": {"requests": 300, "errors": 4}}
+        ab = compare(exp, scored_df, clicks, settings, labels=labels_for(scored_df, homedepot_dev), counts=counts)
+        assert set(ab.snapshots) == {"scores", "classification_champion", "classification_challenger", "arms"}
+        for snap in ab.snapshots.values():
+            save_snapshot(settings, AB_PROJECT, snap)
+    ws = open_workspace(settings)
+    projects = {name: project_id(ws, name) for name in PANELS}
+
+    with serve_ui(settings, tmp_path) as base:
+        for name, pid in projects.items():
+            panels = PANELS[name]
+            stored = httpx.get(f"{base}/api/v2/dashboards/{pid}", timeout=10).json()
+            assert [p["title"] for p in stored["panels"]] == [p.title for p in panels]
+
+            slug = "drift" if name == DRIFT_PROJECT else "ab"
+            page = browse(f"{base}/projects/{pid}", tmp_path / f"chrome-{slug}", "--dump-dom")
+            assert "currently empty" not in page.stdout, page.stderr[-2000:]
+            shown = panels_on_page(page.stdout, [p.title for p in panels])
+            for panel in panels:
+                seen, part = shown[panel.title]
+                legends = [m.legend for m in panel.values if m.legend and "{{" not in m.legend] or ["score"]  # "{{column}}": one series per column
+                assert all(legend in seen for legend in legends), (panel.title, legends, seen)  # a series is listed once it has points
+                kind = panel.plot_params["plot_type"]
+                if kind == "counter":
+                    assert sum(bool(re.fullmatch(r"\d+(\.\d+)?", t)) for t in seen) == len(legends), (panel.title, seen)
+                else:  # the points drawn: a mark per point of each line, a bar per point
+                    drawn = part.count("MuiMarkElement-root") if kind == "line" else part.count("MuiBarElement-root")
+                    assert "Timestamps" in seen and drawn >= len(legends), (panel.title, drawn, seen)
+
+            shot = artifacts / f"{slug}-dashboard.png"
+            browse(f"{base}/projects/{pid}", tmp_path / f"chrome-{slug}-shot", f"--screenshot={shot}", "--window-size=1400,2600")
+            assert shot.exists() and png_size(shot) == (1400, 2600) and shot.stat().st_size > 50_000
+
+
+def test_dashboard_panels_are_written_once(tmp_path: Path) -> None:
+    """Opening a project again adds no panel twice, restores an edited one in place and keeps hand-made ones."""
+    from evidently.sdk.panels import text_panel
+
+    from monitoring.dashboards import ensure_dashboard
+
+    settings = Settings(home=tmp_path / "home")
+    ws = open_workspace(settings)
+    for name, panels in PANELS.items():
+        pid = project_id(ws, name)
+        titles = [p.title for p in panels]
+        first = ws.get_dashboard(pid)
+        assert [p.title for p in first.panels] == titles and len(set(titles)) == len(titles)
+        assert project_id(ws, name) == pid and not ensure_dashboard(ws, pid, name)
+        assert [p.id for p in ws.get_dashboard(pid).panels] == [p.id for p in first.panels]
+
+        ws.get_project(pid).dashboard.add_panel(text_panel("notes"))
+        edited = ws.get_dashboard(pid)
+        edited.panels[0].title, edited.panels[1].subtitle = "renamed by hand", "edited"
+        ws.save_dashboard(pid, edited)
+        project_id(open_workspace(settings), name)
+        again = ws.get_dashboard(pid)
+        assert [p.title for p in again.panels] == titles + ["renamed by hand", "notes"]
+        assert again.panels[1].id == first.panels[1].id and again.panels[1].subtitle == panels[1].subtitle
