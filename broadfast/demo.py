@@ -116,6 +116,7 @@ class Demo:
         self.stop_event = threading.Event()
         self.started = 0.0
         self.replay_stats: Any = None
+        self.backend: dict[str, Any] | None = None  # the champion's inference backend, read from the API at the end
 
     # -- set-up --------------------------------------------------------------------------
     def _stack(self) -> tuple[Settings, dict[str, str]]:
@@ -227,6 +228,17 @@ class Demo:
             time.sleep(0.5)
         raise BroadfastError(f"the scoring API was not ready within {timeout_s:.0f} s (log: {serve.log_path})")
 
+    @staticmethod
+    def _serving_backend(url: str) -> dict[str, Any] | None:
+        """The inference backend of the champion the API serves at the end (its ``/readyz``)."""
+        import httpx
+
+        try:
+            return httpx.get(url + "/readyz", timeout=5).json().get("backend")
+        except (httpx.HTTPError, ValueError) as exc:
+            log.warning("could not read the serving backend from %s/readyz: %s", url, exc)
+            return None
+
     # -- run -----------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         from streams.stack import free_port
@@ -263,6 +275,7 @@ class Demo:
             self._traffic(settings, data, url, watcher)
             watcher.stop_event.set()
             watcher.join(timeout=10)
+            self.backend = self._serving_backend(url)
             reports = self._drift_report(env)
             return self._summary(watcher.tally, reports)
         finally:
@@ -386,6 +399,7 @@ class Demo:
             "models_published": len(tally.models),
             "versions_served": list(tally.version_first_ts),
             "swaps": max(0, len(tally.version_first_ts) - 1),
+            "serving_backend": self.backend,  # the champion's inference backend at the end (BROADFAST_SERVE_BACKEND)
             "serving_p99_ms": percentile(tally.server_latency_ms, 99),
             "serving_p50_ms": percentile(tally.server_latency_ms, 50),
             "client_p99_ms": percentile(client_lat, 99),

@@ -94,9 +94,11 @@ class Watcher(threading.Thread):
 
 
 def version_quality(metrics: dict[str, float], trained_on: dict[str, Any], ts: float) -> dict[str, Any]:
-    """A version's validation figures (the online trainer's fixed slice) and the teachers of its labels."""
+    """A version's validation figures (the online trainer's fixed slice; ``stream_*``: the newest
+    held-out labels of the traffic, when it had enough) and the teachers of its labels."""
     return {
         "spearman": metrics.get("val_spearman"), "ndcg@10": metrics.get("val_ndcg@10"),
+        "stream_spearman": metrics.get("stream_spearman"), "stream_labels": metrics.get("stream_labels"),
         "teachers": dict((trained_on or {}).get("teachers") or {}), "published_ts": ts,
     }  # fmt: skip
 
@@ -129,6 +131,20 @@ TEACHER_MEANING = {
 }
 
 
+def backend_line(backend: dict[str, Any] | None) -> str:
+    """The serving backend as the summary prints it.
+
+    >>> backend_line({"name": "onnx-int8", "threads": 2})
+    'onnx-int8 (threads 2)'
+    >>> backend_line(None)
+    'unknown'
+    """
+    if not backend:
+        return "unknown"
+    rest = ", ".join(f"{k} {v}" for k, v in backend.items() if k != "name" and isinstance(v, (str, int, float)))
+    return str(backend.get("name", "?")) + (f" ({rest})" if rest else "")
+
+
 def budget_line(b: dict[str, Any] | None) -> str:
     """The labelling budget in one line: admission rate (measured from the teacher, or the starting rate), queue, stale drops."""
     if b is None:
@@ -149,6 +165,8 @@ def quality_line(q: dict[str, Any]) -> str:
     if q["first"] is None:
         return "— (no version with validation figures served yet)"
     line = f"first {fig(q['first'])} · best {fig(q['best'])} · serving {fig(q['last'])}"
+    if q["last"].get("stream_spearman") is not None:
+        line += f" (on the newest {q['last']['stream_labels']:.0f} held-out traffic labels: Spearman {q['last']['stream_spearman']:.3f})"
     gain = q["spearman_gain"]
     if gain is not None and q["last"]["version"] != q["first"]["version"]:
         line += f" — {gain:+.3f} Spearman since the first: " + ("the student got better on queries it never trained on" if gain >= 0.05 else "no clear change yet (the slice's noise is a few hundredths)" if gain > -0.05 else "worse than the first")
@@ -194,7 +212,8 @@ def render_summary(summary: dict[str, Any]) -> str:
         f"requests {summary['requests']:,} ({summary['failed_requests']} failed, {summary.get('events_lost', 0)} events lost), pairs scored {summary['pairs_scored']:,}",
         f"hard cases {summary['hard_cases']:,}, labels {summary['labels']:,} (perspectives per label: {summary['labels_by_perspectives'] or '—'})",
         f"models published {summary['models_published']}, swaps {summary['swaps']} (versions served: {', '.join(summary['versions_served']) or '—'})",
-        f"serving latency p50 {ms(summary['serving_p50_ms'])}, p99 {ms(summary['serving_p99_ms'])}; client p99 {ms(summary['client_p99_ms'])}",
+        f"serving latency p50 {ms(summary['serving_p50_ms'])}, p99 {ms(summary['serving_p99_ms'])}; client p99 {ms(summary['client_p99_ms'])}; "
+        f"backend {backend_line(summary.get('serving_backend'))}",
         f"freshness p50 {sec(fresh['p50'])}, p90 {sec(fresh['p90'])} over {fresh['n']} labels "
         f"(first scoring → label p50 {sec(fresh.get('to_label_p50'))}; label → served by a model trained on it p50 {sec(fresh.get('label_to_served_p50'))})",
         f"teacher–student agreement {'—' if agreement is None else f'{agreement:.0%}'}; dead letters {summary['dead_letters']}; alerts {summary['alerts'] or 'none'}",

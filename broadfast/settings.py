@@ -209,6 +209,7 @@ class Settings(BaseSettings):
     online_ema_decay: float = Field(default=0.9, ge=0, lt=1, description="Online trainer: the published model is a moving average of the trained weights, with this decay per step (0: publish the raw weights).")
     online_confidence_weighting: bool = Field(default=True, description="Online trainer: weigh each label by the teacher's confidence (its grade-token mass).")
     online_val_pairs: int = Field(default=400, ge=10, description="Online trainer: pairs in the fixed validation slice.")
+    online_stream_val_labels: int = Field(default=300, ge=0, description="Online trainer: newest teacher labels of held-out queries kept as a rolling validation slice of the traffic (0: off); each published version records its figures on it (stream_spearman, stream_ndcg@10).")
     online_val_share: float = Field(default=0.2, gt=0, lt=1, description="Online trainer: share of the data set's queries held out for validation (never trained on).")
     online_gate_metric: Literal["spearman", "ndcg@10", "macro_f1"] = Field(default="spearman", description="Online trainer: validation metric of the publish gate.")
     online_gate_tolerance: float = Field(default=0.03, ge=0, description="Online trainer: publish when the candidate is at least the best champion's score minus this (so publishes never slide further).")

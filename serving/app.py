@@ -302,7 +302,8 @@ def create_app(settings: Settings, model_dir: Path | None = None, *, engine: Eng
     async def readyz() -> JSONResponse:
         routing = engine.routing
         body = {"ready": engine.ready, "champion": engine.champion_version, "challenger": routing.challenger.version if routing.challenger else None,
-                "experiment_id": routing.experiment.experiment_id if routing.experiment else None}  # fmt: skip
+                "experiment_id": routing.experiment.experiment_id if routing.experiment else None,
+                "backend": routing.champion.info()["backend"] if routing.champion else None}  # fmt: skip
         return JSONResponse(body, status_code=200 if engine.ready else 503)
 
     @app.get("/metrics", summary="Prometheus metrics")

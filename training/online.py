@@ -13,7 +13,9 @@ The loop, one *round* at a time:
    its weights) is measured on the fixed validation
    slice and judged by the gate (:mod:`training.gate`) against the champion measured the same
    way: it is published (→ ``ModelPublished``, hot swap) only when it is at least the best
-   champion's score minus ``online_gate_tolerance`` — so publishes never slide;
+   champion's score minus ``online_gate_tolerance`` — so publishes never slide; a published
+   version also records its figures on the newest held-out labels of the stream
+   (:mod:`training.stream_slice`: quality on the traffic it serves, ``stream_*`` metrics);
 4. a refused candidate is **not** the silent base of the next one: after
    ``online_revert_after_refusals`` refusals in a row the learner goes back to the champion's
    weights (the optimizer keeps its moments); the refused rounds' labels stay in the replay reservoir;
@@ -51,6 +53,7 @@ from broadfast.settings import Settings
 from streams.events import Alert, TeacherLabel, normalize_query
 from training.gate import Gate, GateConfig, Measured, high_water
 from training.learner import LabelRow, LearnerConfig, OnlineLearner
+from training.stream_slice import StreamSlice
 from training.student import Student, ad_text, load_student, save_student
 
 log = logging.getLogger(__name__)
@@ -60,6 +63,7 @@ STATE_FILE = "online.json"
 OPTIMIZER_FILE = "optimizer.pt"
 BUFFER_FILE = "buffer.parquet"
 CHAMPION_PROBS_FILE = "champion_probs.npy"
+STREAM_SLICE_FILE = "stream_val.parquet"
 AVERAGE_DIR = "average"  # the moving average of the weights: the model the gate measures and publishes
 
 
@@ -112,6 +116,7 @@ class RoundResult:
     teachers: dict[str, int] = field(default_factory=dict)
     rejected: list[LabelRow] = field(default_factory=list)  # labels whose own loss was not finite: dead-lettered, never trained on
     seconds: dict[str, float] = field(default_factory=dict)  # where the round's time went: train, gate (measure, judge, publish), checkpoint
+    stream: dict[str, float] = field(default_factory=dict)  # the published version's figures on the rolling slice of held-out traffic labels
 
 
 @dataclass
@@ -159,6 +164,7 @@ class OnlineTrainer:
         self.rounds = 0
         self.labels_trained = 0  # fresh labels trained on by this trainer (refused and reverted rounds included)
         self.held_out = 0
+        self.stream_val = StreamSlice(settings.online_stream_val_labels)  # the newest held-out labels: validation that follows the traffic
         self.refused = 0  # candidates refused in a row since the last publish or revert
         self.last_gate = 0.0
         self.live_version: str | None = None
@@ -226,6 +232,8 @@ class OnlineTrainer:
         self.learner.opt.load_state_dict(torch.load(ckpt / OPTIMIZER_FILE, weights_only=True, map_location=self.device))
         if (ckpt / BUFFER_FILE).exists():
             self.buffer.load_frame(pd.read_parquet(ckpt / BUFFER_FILE))
+        if (ckpt / STREAM_SLICE_FILE).exists():
+            self.stream_val.load_frame(pd.read_parquet(ckpt / STREAM_SLICE_FILE))
         self.buffer.seen = int(state["seen"])
         self.learner.steps = int(state["steps"])
         self.offsets = {int(p): int(o) for p, o in state["offsets"].items()}
@@ -253,6 +261,7 @@ class OnlineTrainer:
         self.offsets[row.partition] = row.offset + 1
         if is_held_out(row.query, self.settings.online_val_share):
             self.held_out += 1
+            self.stream_val.add(row)
             return False
         self.buffer.add(row)
         return True
@@ -302,12 +311,15 @@ class OnlineTrainer:
             "gate_slice": self.gate.fingerprint,
             "learner": {k: v for k, v in self.learner_config.to_dict().items() if k != "loss"},
         }
+        result.stream = self.stream_val.measure(self.learner.model, self.gate.config.metric)  # what it will serve, on the newest held-out traffic
         metrics = {f"val_{k}": v for k, v in candidate.metrics.items()}  # the registry keeps the finite ones (the contract's)
+        metrics |= result.stream
         metrics |= {"gate_delta": verdict.delta, "gate_delta_lo": verdict.interval[0], "gate_delta_hi": verdict.interval[1], "gate_floor": verdict.floor, "gate_best": best}
         with tempfile.TemporaryDirectory(prefix="broadfast-online-") as tmp:
             folder = save_student(self.learner.model, Path(tmp) / "model")
             manifest = self.registry.publish(folder, parent=self.live_version, metrics=metrics, trained_on=trained_on, champion=True)
-        log.info("round %d: published %s (parent %s): %s", self.rounds, manifest.version, self.live_version, verdict.reason)
+        on_traffic = f"; on the newest {len(self.stream_val)} held-out traffic labels: {_fmt(result.stream)}" if result.stream else ""
+        log.info("round %d: published %s (parent %s): %s%s", self.rounds, manifest.version, self.live_version, verdict.reason, on_traffic)
         self.live_version, self.champion, self.best = manifest.version, candidate, best
         self.champion_lineage = self.lineage.copy()
         self.refused = 0
@@ -333,6 +345,8 @@ class OnlineTrainer:
             save_student(self.learner.ema, tmp / AVERAGE_DIR)
         torch.save(self.learner.opt.state_dict(), tmp / OPTIMIZER_FILE)
         self.buffer.to_frame().to_parquet(tmp / BUFFER_FILE)
+        if len(self.stream_val):
+            self.stream_val.to_frame().to_parquet(tmp / STREAM_SLICE_FILE)
         assert self.champion is not None
         np.save(tmp / CHAMPION_PROBS_FILE, self.champion.probs, allow_pickle=False)
         state = {

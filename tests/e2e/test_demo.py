@@ -56,6 +56,7 @@ def test_demo_closes_the_loop(tmp_path: Path, shared_data: Path) -> None:
     for key in ("requests", "pairs_scored", "hard_cases", "labels", "models_published", "swaps", "failed_requests", "serving_p99_ms", "freshness_s", "drift_reports"):
         assert key in summary, key
     assert summary["requests"] >= 200
+    assert summary["serving_backend"]["name"] == "torch" and summary["serving_p99_ms"] > 0  # the backend in use and its latency
     assert summary["failed_requests"] == 0 and summary["events_lost"] == 0
     assert summary["pairs_scored"] >= summary["requests"]
     assert summary["hard_cases"] > 0 and summary["labels"] > 0

@@ -46,6 +46,7 @@ def test_response_shape_health_readiness_metrics_and_docs(tiny_model: Path, serv
         assert client.get("/healthz").json() == {"status": "ok"}
         ready = client.get("/readyz")
         assert ready.status_code == 200 and ready.json()["champion"] == engine.champion_version
+        assert ready.json()["backend"]["name"] == serve_settings.serve_backend  # what the demo's summary reports
         body = score_body("cordless drill", ["drill driver kit", "garden hose"], user_id="u1")
         data = client.post("/v1/score", json=body).json()
         assert set(data) == {"request_id", "model_version", "arm", "experiment_id", "results"}

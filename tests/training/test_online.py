@@ -256,3 +256,44 @@ def test_poisoned_labels_are_dead_lettered_and_a_broken_checkpoint_falls_back_wi
     letters = [ev.decode("deadletter", r.value) for r in read_topic(settings, "deadletter", expect=40, timeout_s=5)]
     assert all(d.consumer == "trainer" and "rationale_embeddings" in d.error for d in letters)
     assert len(letters) == 40 == len({(d.partition, d.offset) for d in letters})  # each poisoned label dead-lettered once, across the restart
+
+
+@pytest.mark.integration
+def test_published_versions_record_their_quality_on_the_newest_held_out_traffic_labels(bus_settings: Settings, tmp_path: Path) -> None:
+    """Validation that follows the traffic: held-out labels fill a rolling slice; a published version
+    records its figures on it, and a restart keeps the slice."""
+    from training.online import OnlineTrainer, row_of
+    from training.registry import Registry
+    from training.stream_slice import MIN_LABELS
+    from training.student import StudentConfig, build_student, save_student
+
+    data = tiny_data(tmp_path, n_queries=120)
+    settings = bus_settings.model_copy(update={
+        "home": tmp_path / "home", "online_passes": 1, "online_batch_size": 10, "online_replay_fraction": 0.0, "online_publish_every_s": 0.0,
+        "online_gate_tolerance": 1.0, "online_val_share": 0.5, "online_val_pairs": 30, "online_stream_val_labels": 150, "train_device": "cpu",
+    })  # fmt: skip
+    registry = Registry(settings)
+    registry.publish(save_student(build_student(StudentConfig.tiny()), tmp_path / "v0"), announce=False)
+    df = pd.read_parquet(data)
+    trainer = OnlineTrainer(settings, registry, validation_slice(df.assign(description=""), 0.5, 30))
+    trainer.start()
+    labels = labels_for(data, 0, len(df))
+    held = [lab for lab in labels if is_held_out(lab.query, 0.5)]
+    assert len(held) > 150 >= MIN_LABELS
+    for offset, label in enumerate(labels[:40]):
+        trainer.add(row_of(label, 0, offset))
+    early = trainer.train_round()  # too few held-out labels yet: nothing claimed about the traffic
+    manifests = {m.version: m for m in registry.manifests()}
+    assert early.published and early.stream == {} and "stream_spearman" not in manifests[early.published].metrics
+    for offset, label in enumerate(labels[40:], start=40):
+        trainer.add(row_of(label, 0, offset))
+    assert len(trainer.stream_val) == 150 and trainer.stream_val.seen == len(held)  # the newest 150 held-out labels
+    assert {r.query for r in trainer.stream_val.rows} <= {lab.query for lab in held[-150:]}
+    result = trainer.train_round()
+    manifest = {m.version: m for m in registry.manifests()}[result.published]
+    assert result.stream["stream_labels"] == 150 and np.isfinite(result.stream["stream_spearman"])
+    assert manifest.metrics["stream_spearman"] == pytest.approx(result.stream["stream_spearman"]) and "val_spearman" in manifest.metrics
+
+    again = OnlineTrainer(settings, registry, trainer.gate.val)
+    again.start()  # from the checkpoint: the slice survives a restart
+    assert [r.pair_id for r in again.stream_val.rows] == [r.pair_id for r in trainer.stream_val.rows]
