@@ -212,6 +212,10 @@ class Settings(BaseSettings):
     online_stream_val_labels: int = Field(default=300, ge=0, description="Online trainer: newest teacher labels of held-out queries kept as a rolling validation slice of the traffic (0: off); each published version records its figures on it (stream_spearman, stream_ndcg@10).")
     online_val_share: float = Field(default=0.2, gt=0, lt=1, description="Online trainer: share of the data set's queries held out for validation (never trained on).")
     online_gate_metric: Literal["spearman", "ndcg@10", "macro_f1"] = Field(default="spearman", description="Online trainer: validation metric of the publish gate.")
+    online_gate_slice: Literal["fixed", "fixed+stream"] = Field(
+        default="fixed",
+        description="Online trainer: what the gate judges on: the fixed slice, or also the newest held-out traffic labels (the candidate must then be at least the champion, measured on the same labels, minus the tolerance).",
+    )
     online_gate_tolerance: float = Field(default=0.03, ge=0, description="Online trainer: publish when the candidate is at least the best champion's score minus this (so publishes never slide further).")
     online_gate_resamples: int = Field(default=400, ge=0, description="Online trainer: bootstrap resamples of the validation queries for the interval each gate verdict reports.")
     online_revert_after_refusals: int = Field(default=3, ge=1, description="Online trainer: refused candidates in a row after which training goes back to the champion's weights (1: at once; until then the refused candidate keeps training, to recover within the slice's noise).")

@@ -41,7 +41,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +51,7 @@ import torch
 
 from broadfast.settings import Settings
 from streams.events import Alert, TeacherLabel, normalize_query
-from training.gate import Gate, GateConfig, Measured, high_water
+from training.gate import Gate, GateConfig, Measured, Verdict, high_water
 from training.learner import LabelRow, LearnerConfig, OnlineLearner
 from training.stream_slice import StreamSlice
 from training.student import Student, ad_text, load_student, save_student
@@ -165,6 +165,7 @@ class OnlineTrainer:
         self.labels_trained = 0  # fresh labels trained on by this trainer (refused and reverted rounds included)
         self.held_out = 0
         self.stream_val = StreamSlice(settings.online_stream_val_labels)  # the newest held-out labels: validation that follows the traffic
+        self._champion_model: Student | None = None  # the champion's weights, loaded when the traffic slice judges
         self.refused = 0  # candidates refused in a row since the last publish or revert
         self.last_gate = 0.0
         self.live_version: str | None = None
@@ -292,6 +293,8 @@ class OnlineTrainer:
         self.last_gate = time.time()
         candidate = self.gate.measure(self.learner.model)
         verdict = self.gate.judge(candidate, self.champion, self.best)
+        if verdict.publish and s.online_gate_slice == "fixed+stream":
+            verdict = self._judge_on_traffic(verdict, result)
         result.candidate, result.verdict = candidate.metrics, verdict.reason
         if not verdict.publish:
             self.refused += 1
@@ -311,7 +314,7 @@ class OnlineTrainer:
             "gate_slice": self.gate.fingerprint,
             "learner": {k: v for k, v in self.learner_config.to_dict().items() if k != "loss"},
         }
-        result.stream = self.stream_val.measure(self.learner.model, self.gate.config.metric)  # what it will serve, on the newest held-out traffic
+        result.stream = result.stream or self.stream_val.measure(self.learner.model, self.gate.config.metric)  # what it will serve, on the newest held-out traffic
         metrics = {f"val_{k}": v for k, v in candidate.metrics.items()}  # the registry keeps the finite ones (the contract's)
         metrics |= result.stream
         metrics |= {"gate_delta": verdict.delta, "gate_delta_lo": verdict.interval[0], "gate_delta_hi": verdict.interval[1], "gate_floor": verdict.floor, "gate_best": best}
@@ -321,9 +324,28 @@ class OnlineTrainer:
         on_traffic = f"; on the newest {len(self.stream_val)} held-out traffic labels: {_fmt(result.stream)}" if result.stream else ""
         log.info("round %d: published %s (parent %s): %s%s", self.rounds, manifest.version, self.live_version, verdict.reason, on_traffic)
         self.live_version, self.champion, self.best = manifest.version, candidate, best
+        self._champion_model = None  # loaded again when the traffic slice needs it
         self.champion_lineage = self.lineage.copy()
         self.refused = 0
         result.published = manifest.version
+
+    def _judge_on_traffic(self, verdict: Verdict, result: RoundResult) -> Verdict:
+        """``online_gate_slice=fixed+stream``: a candidate that holds the fixed slice's floor must also be
+        at least the champion minus the tolerance on the newest held-out traffic labels, both measured
+        now on the same labels (the slice moves, so there is no high-water mark on it: the fixed slice's
+        floor keeps publishes from sliding)."""
+        metric, tol = self.gate.config.metric, self.gate.config.tolerance
+        result.stream = self.stream_val.measure(self.learner.model, metric)
+        if not result.stream:
+            return replace(verdict, reason=verdict.reason + f"; traffic slice not judged yet ({len(self.stream_val)} held-out labels)")
+        if self._champion_model is None:
+            self._champion_model, _ = self.registry.load(self.live_version, device=str(self.device))
+        champion = self.stream_val.measure(self._champion_model, metric)
+        cand, champ = result.stream[f"stream_{metric}"], champion[f"stream_{metric}"]
+        on = f"on the newest {len(self.stream_val)} held-out traffic labels {metric} {cand:.4f} vs champion {champ:.4f}"
+        if not np.isfinite(cand) or cand < champ - tol:
+            return replace(verdict, publish=False, reason=f"{on} (below it by more than the tolerance {tol}); fixed slice: {verdict.reason}")
+        return replace(verdict, reason=f"{verdict.reason}; {on}")
 
     def _revert(self, result: RoundResult) -> None:
         """Back to the champion's weights and lineage; the optimizer's moments and the schedule's clock go on."""

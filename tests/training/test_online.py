@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -297,3 +298,44 @@ def test_published_versions_record_their_quality_on_the_newest_held_out_traffic_
     again = OnlineTrainer(settings, registry, trainer.gate.val)
     again.start()  # from the checkpoint: the slice survives a restart
     assert [r.pair_id for r in again.stream_val.rows] == [r.pair_id for r in trainer.stream_val.rows]
+
+
+@pytest.mark.integration
+def test_the_gate_can_also_judge_on_the_newest_held_out_traffic_labels(bus_settings: Settings, tmp_path: Path) -> None:
+    """online_gate_slice=fixed+stream: a candidate that holds the fixed slice's floor is still refused when it
+    is worse than the champion on the newest held-out traffic labels, both measured there for real."""
+    from training.online import OnlineTrainer, RoundResult, row_of
+    from training.registry import Registry
+    from training.student import StudentConfig, build_student, save_student
+
+    data = tiny_data(tmp_path, n_queries=120)
+    settings = bus_settings.model_copy(update={
+        "home": tmp_path / "home", "online_passes": 3, "online_batch_size": 10, "online_replay_fraction": 0.0, "online_publish_every_s": 1e10,
+        "online_gate_tolerance": 0.05, "online_gate_slice": "fixed+stream", "online_val_share": 0.5, "online_val_pairs": 30,
+        "online_stream_val_labels": 200, "train_device": "cpu",
+    })  # fmt: skip
+    registry = Registry(settings)
+    registry.publish(save_student(build_student(StudentConfig.tiny()), tmp_path / "v0"), announce=False)
+    df = pd.read_parquet(data)
+
+    def trained(flip: bool) -> tuple[OnlineTrainer, Any]:
+        trainer = OnlineTrainer(settings.model_copy(update={"home": tmp_path / f"home-{flip}"}), registry, validation_slice(df.assign(description=""), 0.5, 30))
+        trainer.start()
+        for offset, label in enumerate(labels_for(data, 0, len(df))):
+            if flip and not is_held_out(label.query, 0.5):  # trained on the opposite of the truth; held-out labels stay true
+                label = label.model_copy(update={"probs": tuple(reversed(label.probs)), "perspectives": label.perspectives})
+            trainer.add(row_of(label, 0, offset))
+        for _ in range(4):
+            trainer.train_round()
+        assert trainer.stream_val.ready and trainer.champion is not None
+        fixed = trainer.gate.judge(trainer.champion, trainer.champion, trainer.best)  # a verdict that holds the fixed slice's floor
+        assert fixed.publish
+        result = RoundResult(round=trainer.rounds, labels=0, steps=0, loss={})
+        verdict = trainer._judge_on_traffic(fixed, result)
+        assert np.isfinite(result.stream["stream_spearman"])  # the candidate's figure on the traffic, kept for its manifest
+        return trainer, verdict
+
+    worse, verdict = trained(flip=True)
+    assert not verdict.publish and "held-out traffic labels" in verdict.reason and "below it by more than the tolerance" in verdict.reason
+    better, verdict = trained(flip=False)
+    assert verdict.publish and "held-out traffic labels" in verdict.reason
