@@ -116,7 +116,7 @@ class RoundResult:
     teachers: dict[str, int] = field(default_factory=dict)
     rejected: list[LabelRow] = field(default_factory=list)  # labels whose own loss was not finite: dead-lettered, never trained on
     seconds: dict[str, float] = field(default_factory=dict)  # where the round's time went: train, gate (measure, judge, publish), checkpoint
-    stream: dict[str, float] = field(default_factory=dict)  # the published version's figures on the rolling slice of held-out traffic labels
+    stream: dict[str, float] = field(default_factory=dict)  # the candidate's figures on the rolling slice of held-out traffic labels (when judged there or published)
 
 
 @dataclass
