@@ -115,9 +115,10 @@ def quality_summary(tally: Tally, teacher: str) -> dict[str, Any]:
     last = next((v for v in reversed(scored) if v["version"] == served[-1]), scored[-1] if scored else None) if served else None
     best = max(scored, key=lambda v: v["spearman"]) if scored else None
     gain = last["spearman"] - first["spearman"] if first and last else None
+    on_traffic = [v for v in versions if v["served"] and v.get("stream_spearman") is not None]  # measured at most once a minute
     return {
         "teacher": teacher, "teacher_ids": teacher_ids, "meaning": TEACHER_MEANING.get(teacher, ""),
-        "versions": versions, "first": first, "best": best, "last": last, "spearman_gain": gain,
+        "versions": versions, "first": first, "best": best, "last": last, "spearman_gain": gain, "traffic": on_traffic[-1] if on_traffic else None,
     }  # fmt: skip
 
 
@@ -165,8 +166,9 @@ def quality_line(q: dict[str, Any]) -> str:
     if q["first"] is None:
         return "— (no version with validation figures served yet)"
     line = f"first {fig(q['first'])} · best {fig(q['best'])} · serving {fig(q['last'])}"
-    if q["last"].get("stream_spearman") is not None:
-        line += f" (on the newest {q['last']['stream_labels']:.0f} held-out traffic labels: Spearman {q['last']['stream_spearman']:.3f})"
+    traffic = q.get("traffic")
+    if traffic is not None:
+        line += f" (on the newest {traffic['stream_labels']:.0f} held-out traffic labels: {traffic['version']} Spearman {traffic['stream_spearman']:.3f})"
     gain = q["spearman_gain"]
     if gain is not None and q["last"]["version"] != q["first"]["version"]:
         line += f" — {gain:+.3f} Spearman since the first: " + ("the student got better on queries it never trained on" if gain >= 0.05 else "no clear change yet (the slice's noise is a few hundredths)" if gain > -0.05 else "worse than the first")

@@ -64,6 +64,7 @@ OPTIMIZER_FILE = "optimizer.pt"
 BUFFER_FILE = "buffer.parquet"
 CHAMPION_PROBS_FILE = "champion_probs.npy"
 STREAM_SLICE_FILE = "stream_val.parquet"
+STREAM_MEASURE_EVERY_S = 60.0  # a published version is measured on the traffic slice at most this often (unless the gate judges there): ~2 s of a 2-core trainer per measurement
 AVERAGE_DIR = "average"  # the moving average of the weights: the model the gate measures and publishes
 
 
@@ -168,6 +169,7 @@ class OnlineTrainer:
         self._champion_model: Student | None = None  # the champion's weights, loaded when the traffic slice judges
         self.refused = 0  # candidates refused in a row since the last publish or revert
         self.last_gate = 0.0
+        self.last_stream = 0.0  # when a published version was last measured on the traffic slice
         self.live_version: str | None = None
         self.champion: Measured | None = None
         self.best = float("-inf")  # high-water mark of the champions' gate metric on the slice
@@ -314,7 +316,9 @@ class OnlineTrainer:
             "gate_slice": self.gate.fingerprint,
             "learner": {k: v for k, v in self.learner_config.to_dict().items() if k != "loss"},
         }
-        result.stream = result.stream or self.stream_val.measure(self.learner.model, self.gate.config.metric)  # what it will serve, on the newest held-out traffic
+        if not result.stream and time.time() - self.last_stream >= STREAM_MEASURE_EVERY_S:
+            result.stream = self.stream_val.measure(self.learner.model, self.gate.config.metric)  # what it will serve, on the newest held-out traffic
+        self.last_stream = time.time() if result.stream else self.last_stream
         metrics = {f"val_{k}": v for k, v in candidate.metrics.items()}  # the registry keeps the finite ones (the contract's)
         metrics |= result.stream
         metrics |= {"gate_delta": verdict.delta, "gate_delta_lo": verdict.interval[0], "gate_delta_hi": verdict.interval[1], "gate_floor": verdict.floor, "gate_best": best}

@@ -29,7 +29,7 @@ def test_quality_reads_first_best_and_last_served_versions() -> None:
     assert "first v0001 0.100" in line and "serving v0004 0.220" in line and "+0.120" in line and "got better" in line
     assert "held-out traffic" not in line  # no figures on the traffic: nothing claimed
     t.quality["v0004"] = version_quality({"val_spearman": 0.22, "stream_spearman": 0.31, "stream_labels": 150.0}, {}, 30.0)
-    assert "on the newest 150 held-out traffic labels: Spearman 0.310" in quality_line(quality_summary(t, "oracle"))
+    assert "on the newest 150 held-out traffic labels: v0004 Spearman 0.310" in quality_line(quality_summary(t, "oracle"))
 
 
 def test_freshness_counts_from_first_scoring_to_the_first_response_of_a_model_trained_on_the_label() -> None:
