@@ -73,7 +73,8 @@ def write_result(name: str, title: str, command: str, body: str, notes: str = ""
     """Write benchmarks/results/<name>.md with the machine, date and command, and print it."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    text = f"# {title}\n\n- machine: {machine()}\n- date: {stamp}\n- command: `{command}`\n\n{body}\n"
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    text = f"# {title}\n\n- machine: {machine()}\n- load average at the end (1, 5, 15 min): {load}\n- date: {stamp}\n- command: `{command}`\n\n{body}\n"
     if notes:
         text += f"\n{notes.strip()}\n"
     path = RESULTS / f"{name}.md"

@@ -1,15 +1,22 @@
-"""Scoring API: micro-batching against a naive server, and the hot swap, in one run.
+"""Scoring API: backend × student layers × threads × clients, and the hot swap, in one run.
 
-Two real servers (``broadfast serve`` in subprocesses, same MiniLM-L6 student, CPU, one torch
-thread): the batched one (default settings) and the naive baseline (``BROADFAST_SERVE_BATCHING=false``:
-each request's 50 pairs run alone, one request after another). Clients post 50-ad requests
-(Home Depot dev titles) at 1, 8 and 32 concurrent clients, in ABBA order (batched, naive, naive,
-batched: half the requests each time) so the drift of a shared machine hits both alike; throughput (pairs/s) and client-side
-p50/p99 latency; the ratio batched/naive is the figure. Then, under steady load on the
-batched server, a new version is announced on relevance.models: time from the announcement
-to the first response naming it, and p99 during the swap against the steady state.
+Real servers (``broadfast serve`` in subprocesses, CPU): one per inference backend (``--backends``,
+default ``torch`` = PyTorch fp32, the baseline, and ``onnx-int8``) and student (``--model``, the
+6-layer student, and ``--small``, students with fewer encoder layers, e.g. distilled with
+``broadfast train offline --from-student … --layers 3``), started afresh for each thread count.
+Clients post 50-ad requests (Home Depot dev titles) at each concurrency level; the servers take
+turns in one order and then the reverse (half the requests each time), so the drift of a shared
+machine hits them alike. Figures: client-side p50/p99 latency and pairs/s, the speed-up over
+PyTorch fp32 with the 6-layer student at the same threads and clients, and each variant's dev
+quality (Spearman, NDCG@10, as % of fp32 6-layer) scored in-process by the same backend code.
+Then, under steady load on a server with the default backend, a new version is announced on
+relevance.models: announcement → new version live (including its int8 conversion) and → first
+response naming it, and p99 during the swap against the steady state.
 
-    python benchmarks/serving.py [--data ../shared/data/homedepot/dev.parquet] [--min-requests 24] [--per-client 4] [--steady-s 25]
+Without ``--model`` the packaged MiniLM-L6 with an untrained head is used (and 3-layer copies of it
+for ``--small-layers``): speed only, its quality figures mean nothing.
+
+    python benchmarks/serving.py --model runs/hd6k --small runs/hd6k-l3 runs/hd6k-l2 [--threads 1,2] [--clients 1,8]
 """
 
 from __future__ import annotations
@@ -29,13 +36,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import httpx
 import numpy as np
 
-from benchmarks.common import embedded_or_configured_stack, markdown_table, write_result
+from benchmarks.common import embedded_or_configured_stack, invocation, markdown_table, write_result
 from broadfast.settings import Settings
 from streams.datasets import load_pairs
 
 REPO = Path(__file__).resolve().parents[1]
 ADS = 50
-LEVELS = (1, 8, 32)
 
 
 def free_port() -> int:
@@ -65,7 +71,7 @@ class Server:
     def __init__(self, settings: Settings, env: dict[str, str], log: Path) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        full = os.environ | settings.public_env() | {"BROADFAST_SERVE_PORT": str(self.port), "BROADFAST_TORCH_THREADS": "1", "BROADFAST_LOG_LEVEL": "WARNING"} | env
+        full = os.environ | settings.public_env() | {"BROADFAST_SERVE_PORT": str(self.port), "BROADFAST_LOG_LEVEL": "WARNING"} | env
         self.log = log.open("w")
         self.proc = subprocess.Popen([sys.executable, "-m", "broadfast.cli", "serve"], env=full, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 180
@@ -118,147 +124,221 @@ def summarize(results: list[tuple[float, float, str]], wall: float) -> tuple[flo
     return len(results) * ADS / wall, float(np.percentile(lat, 50)), float(np.percentile(lat, 99))
 
 
-def batch_stats(url: str) -> float:
-    page = httpx.get(url + "/metrics").text
-    vals = {line.split(" ")[0]: float(line.split(" ")[1]) for line in page.splitlines() if line.startswith("broadfast_serving_batch_pairs_")}
-    return vals.get("broadfast_serving_batch_pairs_sum", 0.0) / max(vals.get("broadfast_serving_batch_pairs_count", 1.0), 1.0)
+def layers_of(folder: Path) -> int:
+    from training.student import read_config
+
+    return int(read_config(folder).encoder["num_hidden_layers"])
+
+
+def untrained_students(tmp: Path, small_layers: list[int]) -> tuple[Path, list[Path]]:
+    """The packaged MiniLM-L6 with an untrained head, and copies cut to ``small_layers`` layers (speed only)."""
+    import torch
+
+    from training.shrink import shrink_student
+    from training.student import StudentConfig, build_student, save_student
+
+    torch.manual_seed(0)
+    student = build_student(StudentConfig.minilm())
+    full = save_student(student, tmp / "minilm-l6")
+    small = [save_student(shrink_student(student, n)[0], tmp / f"minilm-l{n}") for n in small_layers]
+    return full, small
+
+
+def quality(folder: Path, backend: str, dev, threads: int) -> dict[str, float]:  # type: ignore[no-untyped-def]
+    """Dev Spearman and NDCG@10 of ``folder`` scored by ``backend`` in-process (the serving code's backends)."""
+    import torch
+
+    from serving.backends import load_backend
+    from training.distill import pair_texts
+    from training.metrics import evaluate
+    from training.student import load_student
+
+    torch.set_num_threads(threads)
+    student = load_student(folder, "cpu")
+    student.eval()
+    scorer = load_backend(student, folder, backend, "cpu", threads)
+    queries, texts = pair_texts(dev)
+    return evaluate(dev, scorer.predict_proba(queries, texts))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", type=Path, default=None, help="The 6-layer student (a trained model folder; copied aside). Default: packaged MiniLM-L6, untrained head.")
+    parser.add_argument("--small", type=Path, nargs="*", default=[], help="Students with fewer layers (model folders).")
+    parser.add_argument("--small-layers", default="3", help="Without --model: layer counts of the untrained cut-down copies.")
+    parser.add_argument("--backends", default="torch,onnx-int8", help="Inference backends; the first is the baseline.")
+    parser.add_argument("--threads", default="1,2", help="Intra-op threads per server (BROADFAST_TORCH_THREADS).")
+    parser.add_argument("--clients", default="1,8", help="Concurrent clients.")
     parser.add_argument("--data", type=Path, default=Path("../shared/data/homedepot/dev.parquet"))
-    parser.add_argument("--steady-s", type=float, default=25.0, help="Seconds of steady load before the swap.")
-    parser.add_argument("--min-requests", type=int, default=24, help="Requests per concurrency level, at least.")
+    parser.add_argument("--min-requests", type=int, default=40, help="Requests per variant and concurrency level, at least.")
     parser.add_argument("--per-client", type=int, default=4, help="Requests per client at each level (when more than --min-requests).")
+    parser.add_argument("--quality-pairs", type=int, default=0, help="Dev pairs (whole queries) for the quality columns; 0 = the whole file.")
+    parser.add_argument("--steady-s", type=float, default=20.0, help="Seconds of steady load before the swap.")
+    parser.add_argument("--swap-threads", type=int, default=2)
+    parser.add_argument("--swap-only", action="store_true", help="Only the hot swap (of --model), written to results/serving_swap.md.")
+    parser.add_argument("--notes", default="", help="How the models were made (goes under the tables).")
     args = parser.parse_args()
-    import torch
+    backends = args.backends.split(",")
+    threads_list = [int(x) for x in args.threads.split(",")]
+    levels = [int(x) for x in args.clients.split(",")]
 
-    torch.set_num_threads(1)
+    from benchmarks.student import quality_slice
+    from streams.bus import ensure_topics
     from training.registry import Registry
-    from training.student import StudentConfig, build_student, save_student
 
     with embedded_or_configured_stack() as base, tempfile.TemporaryDirectory(prefix="broadfast-serving-bench-") as tmp:
         tmp_path = Path(tmp)
-        settings = base.model_copy(update={"registry_root": tmp_path / "registry", "topic_prefix": f"benchserve{os.getpid()}"})
-        from streams.bus import ensure_topics
+        if args.model is None:
+            full, small = untrained_students(tmp_path, [int(x) for x in args.small_layers.split(",")])
+        else:
+            full, small = args.model, list(args.small)
+        models = {f"{layers_of(f)}-layer": f for f in [full, *small]}
+        baseline_model = next(iter(models))
+        registries: dict[str, tuple[Settings, Path]] = {}
+        for name, folder in models.items():  # one registry (and topic prefix) per student, its v0001 = the student
+            s = base.model_copy(update={"registry_root": tmp_path / f"registry-{name}", "topic_prefix": f"benchserve{os.getpid()}l{name[0]}"})
+            ensure_topics(s)
+            manifest = Registry(s).publish(folder, announce=False)
+            registries[name] = (s, Registry(s).verify(manifest.version))
+        variants = [(b, m) for m in models for b in backends]
+        if args.swap_only:
+            swap_table = hot_swap(args, registries[baseline_model], tmp_path)
+            write_result("serving_swap", "Scoring API: hot swap under load", invocation(), f"Student `{full}`.\n\n{swap_table}\n", args.notes)
+            return
 
-        ensure_topics(settings)
-        torch.manual_seed(0)
-        student = build_student(StudentConfig.minilm())
-        save_student(student, tmp_path / "a")
-        with torch.no_grad():  # the "next" version: the same student nudged a little
-            for p in student.parameters():
-                p.add_(torch.randn_like(p) * 1e-3)
-        save_student(student, tmp_path / "b")
-        del student
-        registry = Registry(settings)
-        registry.publish(tmp_path / "a")
+        figures: dict[tuple[str, str, int, int], tuple[float, float, float]] = {}
+        for threads in threads_list:
+            servers = {}
+            try:
+                for backend, model in variants:
+                    env = {"BROADFAST_SERVE_BACKEND": backend, "BROADFAST_TORCH_THREADS": str(threads), "BROADFAST_SERVE_SWAP_ON_PUBLISH": "false"}
+                    servers[(backend, model)] = Server(registries[model][0], env, tmp_path / f"{backend}-{model}-{threads}.log")
+                for server in servers.values():
+                    asyncio.run(load(server.url, requests_from(args.data, 4, seed=99), 2))  # warm-up
+                for clients in levels:
+                    n = max(args.min_requests, clients * args.per_client) // 2
+                    runs: dict[tuple[str, str], list[tuple[list, float]]] = {v: [] for v in variants}
+                    for v in [*variants, *reversed(variants)]:  # one order, then the reverse: the machine's drift hits all alike
+                        results = asyncio.run(load(servers[v].url, requests_from(args.data, n, seed=clients * 100 + len(runs[v])), clients))
+                        runs[v].append((results, max(e for _, e, _ in results) - min(s for s, _, _ in results)))
+                    for v, parts in runs.items():
+                        figures[(*v, threads, clients)] = summarize([r for results, _ in parts for r in results], sum(w for _, w in parts))
+                        print(threads, clients, v, figures[(*v, threads, clients)], flush=True)
+            finally:
+                for server in servers.values():
+                    server.stop()
 
+        dev = load_pairs(args.data) if args.quality_pairs == 0 else quality_slice(args.data, args.quality_pairs, 0)
+        quality_of = {v: quality(registries[v[1]][1], v[0], dev, max(threads_list)) for v in variants}
+        base_q = quality_of[(backends[0], baseline_model)]
         rows = []
-        figures: dict[tuple[str, int], tuple[float, float, float]] = {}
-        batch_mean: dict[str, float] = {}
-        servers = {"batched": Server(settings, {}, tmp_path / "batched.log"), "naive": Server(settings, {"BROADFAST_SERVE_BATCHING": "false"}, tmp_path / "naive.log")}
-        try:
-            for server in servers.values():
-                asyncio.run(load(server.url, requests_from(args.data, 8, seed=99), 4))  # warm-up
-            for clients in LEVELS:
-                n = max(args.min_requests, clients * args.per_client) // 2
-                runs: dict[str, list[tuple[list, float]]] = {"batched": [], "naive": []}
-                for name in ("batched", "naive", "naive", "batched"):  # ABBA: the machine's drift hits both alike
-                    results = asyncio.run(load(servers[name].url, requests_from(args.data, n, seed=clients + len(runs[name])), clients))
-                    runs[name].append((results, max(e for _, e, _ in results) - min(s for s, _, _ in results)))
-                for name, parts in runs.items():
-                    figures[(name, clients)] = summarize([r for results, _ in parts for r in results], sum(w for _, w in parts))
-                    print(name, clients, figures[(name, clients)], flush=True)
-            batch_mean = {name: batch_stats(server.url) for name, server in servers.items()}
-        finally:
-            for server in servers.values():
-                server.stop()
-        for clients in LEVELS:
-            b, n = figures[("batched", clients)], figures[("naive", clients)]
-            rows.append([clients, b[0], n[0], f"{b[0] / n[0]:.2f}×", b[1], n[1], b[2], n[2], f"{n[2] / b[2]:.2f}×"])
-        table = markdown_table(
-            ["clients", "batched pairs/s", "naive pairs/s", "throughput ratio", "batched p50 ms", "naive p50 ms", "batched p99 ms", "naive p99 ms", "p99 naive/batched"], rows
-        )
-
-        # -- hot swap under steady load (8 clients) -------------------------------------------------
-        server = Server(settings, {}, tmp_path / "swap.log")
-        try:
-            manifest = registry.publish(tmp_path / "b", announce=False)
-            first_new: list[float] = []
-            announced: list[float] = []
-            live_at: list[float] = []
-
-            def on_response(version: str, t: float) -> None:
-                if version == manifest.version and not first_new:
-                    first_new.append(t)
-
-            results: list[tuple[float, float, str]] = []
-
-            async def run_all() -> None:
-                nonlocal results
-                collected: list[tuple[float, float, str]] = []
-                queue_bodies = requests_from(args.data, 2000, seed=7)
-                stop = asyncio.Event()
-
-                async def client_loop(client: httpx.AsyncClient, i: int) -> None:
-                    k = i
-                    while not stop.is_set():
-                        t0 = time.monotonic()
-                        r = await client.post("/v1/score", json=queue_bodies[k % len(queue_bodies)])
-                        r.raise_for_status()
-                        t1 = time.monotonic()
-                        collected.append((t0, t1, r.json()["model_version"]))
-                        on_response(r.json()["model_version"], t1)
-                        k += 8
-
-                async with httpx.AsyncClient(base_url=server.url, timeout=300, limits=httpx.Limits(max_connections=12)) as client:
-                    tasks = [asyncio.create_task(client_loop(client, i)) for i in range(8)]
-                    await asyncio.sleep(args.steady_s)
-                    announced.append(time.monotonic())
-                    await asyncio.to_thread(registry.announce, manifest)
-                    async with httpx.AsyncClient(base_url=server.url, timeout=30) as probe_client:  # when does the server name it champion?
-                        while (await probe_client.get("/readyz")).json()["champion"] != manifest.version:
-                            if time.monotonic() - announced[0] > 120:
-                                raise RuntimeError(f"the new version was not live within 120 s; see {tmp_path / 'swap.log'}")
-                            await asyncio.sleep(0.02)
-                    live_at.append(time.monotonic())
-                    while not first_new:
-                        if time.monotonic() - announced[0] > 240:
-                            raise RuntimeError(f"the new version never served within 120 s; see {tmp_path / 'swap.log'}")
-                        await asyncio.sleep(0.01)
-                    await asyncio.sleep(5.0)
-                    stop.set()
-                    await asyncio.gather(*tasks)
-                results = collected
-
-            asyncio.run(run_all())
-        finally:
-            server.stop()
-        t_ann, t_new = announced[0], first_new[0]
-        steady = [(e - s) * 1000 for s, e, _ in results if e < t_ann]
-        during = [(e - s) * 1000 for s, e, _ in results if e >= t_ann and s <= t_new + 2.0]
-        wrong = [v for s, e, v in results if v not in ("v0001", manifest.version)]
-        swap_rows = [
-            ["announcement → new version live (server loaded, checked and swapped it)", f"{(live_at[0] - t_ann) * 1000:,.0f} ms"],
-            ["announcement → first response from the new version (includes the requests queued before it)", f"{(t_new - t_ann) * 1000:,.0f} ms"],
-            ["p99 steady state (8 clients, 50 ads)", f"{np.percentile(steady, 99):,.0f} ms ({len(steady)} requests)"],
-            ["p99 during the swap (announcement … first new response + 2 s)", f"{np.percentile(during, 99):,.0f} ms ({len(during)} requests)"],
-            ["failed requests / responses naming another version", f"0 / {len(wrong)}"],
-        ]
-        swap_table = markdown_table(["hot swap (batched server, MiniLM-L6, CPU)", "value"], swap_rows)
+        for threads in threads_list:
+            for clients in levels:
+                ref = figures[(backends[0], baseline_model, threads, clients)]
+                for backend, model in variants:
+                    pairs_s, p50, p99 = figures[(backend, model, threads, clients)]
+                    q = quality_of[(backend, model)]
+                    rows.append([backend, model, threads, clients, p50, p99, pairs_s, f"{pairs_s / ref[0]:.2f}×", q["spearman"], f"{q['spearman'] / base_q['spearman']:.1%}",
+                                 q["ndcg@10"], f"{q['ndcg@10'] / base_q['ndcg@10']:.1%}"])  # fmt: skip
+        table = markdown_table(["backend", "student", "threads", "clients", "p50 ms", "p99 ms", "pairs/s", f"pairs/s vs {backends[0]} {baseline_model}",
+                                "dev Spearman", "% of fp32 6-layer", "dev NDCG@10", "% of fp32 6-layer"], rows)  # fmt: skip
+        swap_table = hot_swap(args, registries[baseline_model], tmp_path)
 
     body = (
-        f"MiniLM-L6 student (all-MiniLM-L6-v2 encoder + MLP extractor, max_length 128), CPU, **one torch thread per server**; "
-        f"requests of {ADS} ads (Home Depot dev titles); client-side latency; the load generator runs on the same 2 noisy cores.\n\n"
-        f"{table}\n\nMean pairs per forward micro-batch: batched {batch_mean['batched']:.0f}, naive {batch_mean['naive']:.0f}.\n\n{swap_table}\n"
+        f"Students: {', '.join(f'{name} (`{folder}`)' for name, folder in models.items())}. {ADS}-ad requests (Home Depot dev titles), client-side latency, "
+        f"{args.min_requests}+ requests per cell; the load generator runs on the same noisy cores. Dev quality on {len(dev):,} pairs of "
+        f"{dev['query'].nunique()} whole queries of `{args.data.name}`, scored in-process by the same backend code.\n\n{table}\n\n{swap_table}\n"
     )
     notes = (
-        "Naive = the same server with `BROADFAST_SERVE_BATCHING=false` (each request's pairs in their own forward pass, one request at a time). "
-        "CPU figures on 2 shared, noisy cores: read the ratios, not the absolute times. "
-        "GPU (H100/H200) absolute p99 for a 50-ad request: not measured (no GPU in this session)."
+        "torch = PyTorch fp32; onnx-int8 = ONNX Runtime, int8 per-channel weights, one pair per run (serving/backends.py). "
+        "CPU figures on shared, noisy cores: read ratios within a run. "
+        + ("The students are the packaged MiniLM-L6 with an untrained head and a cut-down copy: speed only, their quality columns mean nothing. " if args.model is None else "")
+        + args.notes
     )
-    write_result("serving", "Scoring API: micro-batching vs naive, and hot swap", "python benchmarks/serving.py", body, notes)
+    write_result("serving", "Scoring API: backend × layers × threads × clients, and hot swap", invocation(), body, notes)
+
+
+def hot_swap(args: argparse.Namespace, registry_of: tuple[Settings, Path], tmp_path: Path) -> str:
+    """Steady load (8 clients) on a server with the default backend; announce a new version (new weights, so
+    the int8 backend converts them) and time it to live and to the first response naming it."""
+    import torch
+
+    from training.registry import Registry
+    from training.student import load_student, save_student
+
+    settings, folder = registry_of
+    registry = Registry(settings)
+    student = load_student(folder)
+    with torch.no_grad():  # the "next" version: the same student nudged a little
+        for p in student.parameters():
+            p.add_(torch.randn_like(p) * 1e-4)
+    nudged = save_student(student, tmp_path / "nudged")
+    del student
+    backend_setting = Settings.model_fields["serve_backend"].default
+    server = Server(settings, {"BROADFAST_TORCH_THREADS": str(args.swap_threads), "BROADFAST_SERVE_BACKEND": backend_setting}, tmp_path / "swap.log")
+    try:
+        backend = httpx.get(server.url + "/readyz").json()["backend"]["name"]
+        manifest = registry.publish(nudged, announce=False)
+        first_new: list[float] = []
+        announced: list[float] = []
+        live_at: list[float] = []
+        results: list[tuple[float, float, str]] = []
+        failed: list[str] = []
+
+        async def run_all() -> None:
+            bodies = requests_from(args.data, 2000, seed=7)
+            stop = asyncio.Event()
+
+            async def client_loop(client: httpx.AsyncClient, i: int) -> None:
+                k = i
+                while not stop.is_set():
+                    t0 = time.monotonic()
+                    r = await client.post("/v1/score", json=bodies[k % len(bodies)])
+                    t1 = time.monotonic()
+                    if r.status_code != 200:
+                        failed.append(f"{r.status_code} {r.text[:200]}")
+                    else:
+                        version = r.json()["model_version"]
+                        results.append((t0, t1, version))
+                        if version == manifest.version and not first_new:
+                            first_new.append(t1)
+                    k += 8
+
+            async with httpx.AsyncClient(base_url=server.url, timeout=300, limits=httpx.Limits(max_connections=12)) as client:
+                tasks = [asyncio.create_task(client_loop(client, i)) for i in range(8)]
+                await asyncio.sleep(args.steady_s)
+                announced.append(time.monotonic())
+                await asyncio.to_thread(registry.announce, manifest)
+                async with httpx.AsyncClient(base_url=server.url, timeout=30) as probe_client:  # when does the server name it champion?
+                    while (await probe_client.get("/readyz")).json()["champion"] != manifest.version:
+                        if time.monotonic() - announced[0] > 120:
+                            raise RuntimeError(f"the new version was not live within 120 s; see {tmp_path / 'swap.log'}")
+                        await asyncio.sleep(0.02)
+                live_at.append(time.monotonic())
+                while not first_new:
+                    if time.monotonic() - announced[0] > 240:
+                        raise RuntimeError(f"the new version never served; see {tmp_path / 'swap.log'}")
+                    await asyncio.sleep(0.01)
+                await asyncio.sleep(3.0)
+                stop.set()
+                await asyncio.gather(*tasks)
+
+        asyncio.run(run_all())
+    finally:
+        server.stop()
+    t_ann, t_new = announced[0], first_new[0]
+    steady = [(e - s) * 1000 for s, e, _ in results if e < t_ann]
+    during = [(e - s) * 1000 for s, e, _ in results if e >= t_ann and s <= t_new + 2.0]
+    wrong = [v for _, _, v in results if v not in ("v0001", manifest.version)]
+    rows = [
+        ["backend (the default setting on this machine)", f"{backend} (BROADFAST_SERVE_BACKEND={backend_setting}), {args.swap_threads} thread(s)"],
+        ["announcement → new version live (loaded, converted, checked against PyTorch, probed, swapped)", f"{(live_at[0] - t_ann) * 1000:,.0f} ms"],
+        ["announcement → first response from the new version", f"{(t_new - t_ann) * 1000:,.0f} ms"],
+        ["p99 steady state (8 clients, 50 ads)", f"{np.percentile(steady, 99):,.0f} ms ({len(steady)} requests)"],
+        ["p99 during the swap (announcement … first new response + 2 s)", f"{np.percentile(during, 99):,.0f} ms ({len(during)} requests)"],
+        ["failed requests / responses naming another version", f"{len(failed)} / {len(wrong)}"],
+    ]
+    return markdown_table(["hot swap", "value"], rows)
 
 
 if __name__ == "__main__":

@@ -173,8 +173,8 @@ class Settings(BaseSettings):
     # -- serving (issue 5): add fields below this line ----
     serve_device: str | None = Field(default=None, description="Torch device of the scoring API ('cpu', 'cuda', 'cuda:1'); default: cuda when available.")
     serve_backend: Literal["auto", "torch", "onnx-int8"] = Field(
-        default="torch",
-        description="Inference backend of the scoring API and `broadfast predict`: 'torch' (PyTorch: fp32 on CPU, bf16 on a GPU), 'onnx-int8' (ONNX Runtime, int8 weights; converted once per version, cached in <model folder>/onnx-int8/, checked against PyTorch before it serves) or 'auto' (onnx-int8 on a CPU when onnxruntime is installed, else torch). Not yet 'auto' by default: in the demo, students trained online drifted past the int8 agreement check and were refused (docs/serving.md).",
+        default="auto",
+        description="Inference backend of the scoring API and `broadfast predict`: 'torch' (PyTorch: fp32 on CPU, bf16 on a GPU), 'onnx-int8' (ONNX Runtime, int8 per-channel weights; converted once per version, cached in <model folder>/onnx-int8/, checked against PyTorch before it serves) or 'auto' (onnx-int8 on a CPU when onnxruntime is installed, else torch; docs/serving.md has the measurements behind the default).",
     )
     serve_batching: bool = Field(default=True, description="Micro-batch pairs across concurrent requests (off: each request runs alone, the naive baseline).")
     serve_max_batch_pairs: int = Field(default=256, ge=1, description="Most pairs gathered into one micro-batch (a request is never split).")
@@ -305,3 +305,4 @@ def get_settings(**overrides: Any) -> Settings:
     """The process settings; keyword overrides (from flags) win over the environment."""
     clean = {k: v for k, v in overrides.items() if v is not None}
     return Settings(**clean) if clean else _cached()
+

@@ -55,30 +55,42 @@ def train() -> None:
 @click.option("--resume/--no-resume", default=True, show_default=True, help="Continue from <out>/checkpoint when it is there.")
 @click.option("--keep-checkpoint", is_flag=True, help="Keep <out>/checkpoint after the run.")
 @click.option("--from-scratch-tiny", is_flag=True, hidden=True, help="A tiny random encoder instead of MiniLM (tests).")
+@click.option("--from-student", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Distil a smaller student from this trained student folder: its grade probabilities on the pairs are the soft targets (with the human grade where the data has one); needs --layers.")
+@click.option("--layers", type=click.IntRange(min=1), default=None, help="With --from-student: encoder layers of the new student, fewer than the source's (it starts from the source's bottom N layers).")
 def train_offline(data: Path, labels: Path | None, out: Path, targets: str, extractor: str, n_perspectives: int, latent_dim: int, max_length: int, epochs: int,
                   batch_size: int, lr: float, head_lr: float, kd_weight: float, ce_weight: float, align_weight: float, align_kind: str, temperature: float,
                   seed: int, limit: int | None, eval_path: Path | None, device: str | None, checkpoint_every: int, resume: bool, keep_checkpoint: bool,
-                  from_scratch_tiny: bool) -> None:  # fmt: skip
-    """Distil the student from a parquet file of pairs (and teacher labels)."""
+                  from_scratch_tiny: bool, from_student: Path | None, layers: int | None) -> None:  # fmt: skip
+    """Distil the student from a parquet file of pairs (and teacher labels), or a smaller
+    student from a trained one (--from-student DIR --layers N)."""
+    _check_shrink_options(from_student, layers, labels)
     settings = command_settings()
     _torch_threads(settings.torch_threads)
     from streams.datasets import load_pairs
     from training.distill import TrainConfig, train_offline_frame
     from training.losses import LossConfig
     from training.registry import sha256_file
-    from training.student import StudentConfig
+    from training.student import Student, StudentConfig
     from training.targets import human_targets, label_targets, read_labels
 
     df = load_pairs(data)
-    student_kw: dict[str, Any] = {"extractor": extractor, "n_perspectives": n_perspectives, "latent_dim": latent_dim, "max_length": max_length}
-    student_cfg = StudentConfig.tiny(**student_kw) if from_scratch_tiny else StudentConfig.minilm(**student_kw)
-    if labels is not None:
-        df, tgt = label_targets(df, read_labels(labels), n_perspectives, student_cfg.rationale_dim)
+    initial: Student | None = None
+    shrunk_from: dict[str, Any] | None = None
+    if from_student is not None and layers is not None:
+        df = df.iloc[:limit].reset_index(drop=True) if limit is not None else df  # label only the pairs trained on
+        initial, tgt, shrunk_from = _shrink(from_student, layers, df, device or settings.train_device)
+        student_cfg = initial.config
     else:
-        tgt = human_targets(df, targets)
-    if limit is not None:
-        df = df.iloc[:limit].reset_index(drop=True)
-        tgt = _cut(tgt, limit)
+        student_kw: dict[str, Any] = {"extractor": extractor, "n_perspectives": n_perspectives, "latent_dim": latent_dim, "max_length": max_length}
+        student_cfg = StudentConfig.tiny(**student_kw) if from_scratch_tiny else StudentConfig.minilm(**student_kw)
+        if labels is not None:
+            df, tgt = label_targets(df, read_labels(labels), n_perspectives, student_cfg.rationale_dim)
+        else:
+            tgt = human_targets(df, targets)
+        if limit is not None:
+            df = df.iloc[:limit].reset_index(drop=True)
+            tgt = _cut(tgt, limit)
     cfg = TrainConfig(
         epochs=epochs, batch_size=batch_size, lr=lr, head_lr=head_lr, seed=seed, checkpoint_every=checkpoint_every,
         device=device or settings.train_device,
@@ -87,10 +99,60 @@ def train_offline(data: Path, labels: Path | None, out: Path, targets: str, extr
     trained_on = {"data": str(data), "data_sha256": sha256_file(data), "rows": len(df), "targets": tgt.source}
     if labels is not None:
         trained_on |= {"labels": str(labels), "labels_sha256": sha256_file(labels)}
+    if shrunk_from is not None:
+        trained_on["from_student"] = shrunk_from
     eval_df = load_pairs(eval_path, require_grade=True) if eval_path is not None else None
-    _, report = train_offline_frame(df, tgt, cfg, student_cfg, out, resume=resume, keep_checkpoint=keep_checkpoint, trained_on=trained_on, eval_df=eval_df)
+    _, report = train_offline_frame(
+        df, tgt, cfg, student_cfg, out, resume=resume, keep_checkpoint=keep_checkpoint, trained_on=trained_on, eval_df=eval_df, student=initial,
+    )  # fmt: skip
     summary = {k: report[k] for k in ("steps", "seconds", "pairs_per_s", "last_loss", "metrics")}
     click.echo(json.dumps({"model": str(out), **summary}, indent=2))
+
+
+_ARCHITECTURE_OPTIONS = ("targets", "extractor", "n_perspectives", "latent_dim", "max_length", "from_scratch_tiny")
+
+
+def _check_shrink_options(from_student: Path | None, layers: int | None, labels: Path | None) -> None:
+    """Usage errors (exit 2) of --from-student / --layers, before anything heavy is loaded."""
+    from click.core import ParameterSource
+
+    from training.errors import CheckpointError
+    from training.student import read_config
+
+    if layers is not None and from_student is None:
+        raise click.UsageError("--layers needs --from-student DIR (the trained student to shrink)")
+    if from_student is None:
+        return
+    if layers is None:
+        raise click.UsageError("--from-student needs --layers N (how many encoder layers the new student keeps)")
+    if labels is not None:
+        raise click.UsageError("--from-student takes its targets from the source student; it cannot be combined with --labels")
+    ctx = click.get_current_context()
+    given = [p.opts[0] for p in ctx.command.params if p.name in _ARCHITECTURE_OPTIONS and ctx.get_parameter_source(p.name) not in (ParameterSource.DEFAULT, None)]
+    if given:
+        raise click.UsageError(f"with --from-student the architecture and targets come from the source student: drop {', '.join(given)}")
+    try:
+        source_layers = int(read_config(from_student).encoder["num_hidden_layers"])
+    except (CheckpointError, KeyError, TypeError, ValueError) as exc:
+        raise click.BadParameter(f"{from_student} is not a student model folder: {exc}", param_hint="--from-student") from None
+    if layers >= source_layers:
+        raise click.BadParameter(f"{layers} is not fewer than the source student's {source_layers} encoder layers", param_hint="--layers")
+
+
+def _shrink(source_dir: Path, layers: int, df: Any, device: str | None) -> tuple[Any, Any, dict[str, Any]]:
+    """The shrunk student, the source's soft labels on ``df`` and the lineage record."""
+    import torch
+
+    from training.shrink import lineage, shrink_student, student_targets
+    from training.student import load_student
+
+    source = load_student(source_dir, device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    small, kept = shrink_student(source, layers)
+    log.info("shrinking %s: %d → %d encoder layers, keeping source layers %s", source_dir, int(source.config.encoder["num_hidden_layers"]), layers, kept)
+    tgt = student_targets(source, df)
+    record = lineage(source_dir, source, kept)
+    del source
+    return small, tgt, record
 
 
 def _cut(tgt: Any, n: int) -> Any:

@@ -321,8 +321,13 @@ def train_offline_frame(
     keep_checkpoint: bool = False,
     trained_on: dict[str, Any] | None = None,
     eval_df: pd.DataFrame | None = None,
+    student: Student | None = None,
 ) -> tuple[Student, dict[str, Any]]:
     """Build (or resume) a student, distil it on ``df`` with ``targets``, save it to ``out_dir``.
+
+    ``student``, when given, is the initialised student to train instead of
+    ``build_student(student_config)`` (e.g. one shrunk from a trained student); its config
+    must be ``student_config``. A checkpoint in ``out_dir`` still wins when resuming.
 
     Writes the model folder (weights, config, tokenizer) and ``training.json`` (the
     configs, what it was trained on, the loss history, throughput and, with
@@ -334,10 +339,14 @@ def train_offline_frame(
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     ckpt = out_dir / CHECKPOINT_DIR
     seed_everything(cfg.seed)
+    if student is not None and student.config.to_dict() != student_config.to_dict():
+        raise ValueError("the student given has another configuration than student_config")
     if resume and (ckpt / TRAINER_JSON).exists():
         student = load_student(ckpt, device)
         if student.config.to_dict() != student_config.to_dict():
             raise CheckpointError(f"{ckpt} holds a student with another configuration; use the same options or --no-resume")
+    elif student is not None:
+        student = student.to(device)
     else:
         student = build_student(student_config, device)
     counts = student.parameter_counts()

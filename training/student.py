@@ -58,7 +58,7 @@ class StudentConfig:
     """Everything needed to rebuild a student's architecture (saved in ``config.json``)."""
 
     encoder: dict[str, Any] = field(default_factory=dict)  # a BertConfig as a dict
-    init_from: str = "minilm"  # where the encoder weights came from: "minilm" or "scratch"
+    init_from: str = "minilm"  # where the weights came from: "minilm", "scratch" or "student" (a shrunk copy of a trained student, training/shrink.py)
     max_length: int = 128
     n_perspectives: int = 3
     extractor: Extractor = "mlp"
@@ -274,7 +274,12 @@ def load_tokenizer(path: Path | None = None) -> Any:
 
 
 def build_student(config: StudentConfig, device: str | torch.device | None = None) -> Student:
-    """A fresh student: encoder weights from the packaged MiniLM (``init_from="minilm"``) or random."""
+    """A fresh student: encoder weights from the packaged MiniLM (``init_from="minilm"``) or random.
+
+    ``init_from="student"`` (a student shrunk from a trained one) builds the architecture at
+    random too: its weights come from the source student (:func:`training.shrink.shrink_student`)
+    or, once saved, from its own folder (:func:`load_student`).
+    """
     torch_device = torch.device(device or "cpu")
     student = Student(config, tokenizer=load_tokenizer())
     if config.init_from == "minilm":
@@ -286,8 +291,8 @@ def build_student(config: StudentConfig, device: str | torch.device | None = Non
         missing = [k for k in missing if not k.endswith("position_ids")]
         if missing:
             raise CheckpointError(f"the packaged MiniLM lacks encoder weights: {missing[:5]}")
-    elif config.init_from != "scratch":
-        raise ValueError(f"init_from must be 'minilm' or 'scratch', got {config.init_from!r}")
+    elif config.init_from not in ("scratch", "student"):
+        raise ValueError(f"init_from must be 'minilm', 'scratch' or 'student', got {config.init_from!r}")
     return student.to(torch_device)
 
 

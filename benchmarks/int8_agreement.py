@@ -1,0 +1,99 @@
+"""How far int8 moves a student's scores: per-tensor against per-channel int8 weights, fp32 the baseline.
+
+For each trained model folder: the whole scoring model is exported once (``serving.backends.export_onnx``),
+quantized both ways by ONNX Runtime's dynamic quantization, and scored as served (one pair per run) on
+the 24 probe pairs the swap checks (max and mean |Δscore|, Spearman against fp32, the fp32 spread) and
+on whole dev queries (mean, p99 and max |Δscore|; dev Spearman and NDCG@10 of fp32 and of each int8).
+The probe figures are what ``serving.backends.MAX_SCORE_DIFF`` / ``MAX_MEAN_SCORE_DIFF`` /
+``MIN_SPEARMAN`` were set from.
+
+    python benchmarks/int8_agreement.py --models runs/v0001 runs/v0009 runs/hd6k [--pairs 1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from benchmarks.common import invocation, markdown_table, write_result
+from benchmarks.student import quality_slice
+from streams.datasets import load_pairs
+from training.distill import pair_texts
+from training.metrics import evaluate
+from training.student import load_student
+
+WAYS = {"per-tensor": False, "per-channel": True}
+
+
+def relevance(probs: np.ndarray) -> np.ndarray:
+    return probs[:, 2] + 0.5 * probs[:, 1]
+
+
+def measure(folder: Path, dev, work: Path) -> list[list[object]]:  # type: ignore[no-untyped-def]
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from scipy.stats import spearmanr
+
+    from serving.backends import OnnxInt8Backend, export_onnx
+    from serving.models import PROBE_PAIRS
+
+    student = load_student(folder)
+    student.eval()
+    pq, pt = [q for q, _ in PROBE_PAIRS], [t for _, t in PROBE_PAIRS]
+    dq, dt = pair_texts(dev)
+    fp32 = work / "fp32.onnx"
+    export_onnx(student, fp32)
+    ref_probe, ref_dev = relevance(student.predict_proba(pq, pt)), student.predict_proba(dq, dt)
+    base = evaluate(dev, ref_dev)
+    rows: list[list[object]] = [[folder.name, "fp32 (baseline)", f"{np.ptp(ref_probe):.3f}", "", "", "", "", "", "", float(base["spearman"]), float(base["ndcg@10"])]]
+    for way, per_channel in WAYS.items():
+        int8 = work / f"{way}.onnx"
+        quantize_dynamic(str(fp32), str(int8), weight_type=QuantType.QInt8, per_channel=per_channel)
+        backend = OnnxInt8Backend(student, int8, threads=torch.get_num_threads(), meta={})
+        probe = np.abs(relevance(backend.predict_proba(pq, pt)) - ref_probe)
+        rho = spearmanr(relevance(backend.predict_proba(pq, pt)), ref_probe).statistic
+        got = backend.predict_proba(dq, dt)
+        dev_diff = np.abs(relevance(got) - relevance(ref_dev))
+        m = evaluate(dev, got)
+        figures = [probe.max(), probe.mean(), rho, dev_diff.mean(), np.percentile(dev_diff, 99), dev_diff.max(), m["spearman"], m["ndcg@10"]]
+        rows.append([folder.name, way, "", *(float(x) for x in figures)])
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", type=Path, nargs="+", required=True, help="Trained student folders (left untouched: conversions go to a temporary folder).")
+    parser.add_argument("--data", type=Path, default=Path("../shared/data/homedepot/dev.parquet"))
+    parser.add_argument("--pairs", type=int, default=1000, help="Dev pairs (whole queries) to score; 0 = the whole file.")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--notes", default="", help="How the models were made (goes under the table).")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    import logging
+
+    logging.getLogger().setLevel(logging.ERROR)  # the quantizer's per-tensor chatter
+    dev = load_pairs(args.data) if args.pairs == 0 else quality_slice(args.data, args.pairs, 0)
+    rows: list[list[object]] = []
+    for folder in tqdm(args.models, desc="models", unit="model"):
+        with tempfile.TemporaryDirectory(prefix="broadfast-int8-") as tmp:
+            rows.extend(measure(folder, dev, Path(tmp)))
+    headers = ["model", "weights", "probe fp32 spread", "probe max abs Δ", "probe mean abs Δ", "probe Spearman vs fp32",
+               "dev mean abs Δ", "dev p99 abs Δ", "dev max abs Δ", "dev Spearman", "dev NDCG@10"]  # fmt: skip
+    body = (
+        f"{len(dev):,} dev pairs of {dev['query'].nunique()} whole queries of `{args.data.name}`; 24 probe pairs (`serving/models.py: PROBE_PAIRS`); "
+        f"abs Δ = abs(relevance score int8 − fp32), relevance = P(exact) + ½·P(partial); int8 served one pair per run, {args.threads} thread(s).\n\n"
+        f"{markdown_table(headers, rows)}\n"
+    )
+    notes = "ONNX Runtime `quantize_dynamic`, QInt8 weights, per tensor or per output channel; activations quantized at run time. " + args.notes
+    write_result("int8_agreement", "int8 against fp32: per-tensor and per-channel weights", invocation(), body, notes)
+
+
+if __name__ == "__main__":
+    main()
