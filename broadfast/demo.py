@@ -44,6 +44,7 @@ class DemoConfig:
     summary: Path | None = None
     rate: float = 5.0  # search requests per second
     student: str = "minilm"  # or "tiny" (a small random encoder: CI)
+    student_layers: int | None = None  # first student's encoder layers: None = all of the encoder's; fewer = its bottom ones (training/shrink.py)
     bootstrap_pairs: int = 600
     seed: int = 0
     drain_s: float = 10.0
@@ -174,11 +175,18 @@ class Demo:
         df = df.sample(n=min(self.config.bootstrap_pairs, len(df)), random_state=self.config.seed).reset_index(drop=True)
         kind = "relevance" if "relevance" in df.columns else "grade"
         cfg = StudentConfig.tiny() if self.config.student == "tiny" else StudentConfig.minilm(max_length=64)
+        first = None
+        if self.config.student_layers is not None and self.config.student_layers < cfg.encoder["num_hidden_layers"]:
+            from training.shrink import shrink_student
+            from training.student import build_student
+
+            first, _ = shrink_student(build_student(cfg, "cpu"), self.config.student_layers)  # the encoder's bottom layers
+            cfg = first.config
         train_cfg = TrainConfig(epochs=1, batch_size=16, checkpoint=False, progress=self.config.live, seed=self.config.seed, device="cpu")
-        log.info("bootstrapping a first %s student on %d human-labelled pairs of %s", self.config.student, len(df), source)
+        log.info("bootstrapping a first %s student (%d encoder layers) on %d human-labelled pairs of %s", self.config.student, cfg.encoder["num_hidden_layers"], len(df), source)
         out = self.home / "bootstrap-student"
         teachers = {f"human-{kind}({source.parent.name}/{source.name})": len(df)}
-        student, _ = train_offline_frame(df, human_targets(df, kind), train_cfg, cfg, out, resume=False, trained_on={"bootstrap": str(source), "pairs": len(df), "teachers": teachers})
+        student, _ = train_offline_frame(df, human_targets(df, kind), train_cfg, cfg, out, resume=False, trained_on={"bootstrap": str(source), "pairs": len(df), "teachers": teachers}, student=first)
         # measured exactly as the online trainer's gate measures every later version
         val = validation_slice(load_pairs(data, require_grade=True), settings.online_val_share, settings.online_val_pairs)
         measured = Gate(val).measure(student)

@@ -20,10 +20,11 @@ from broadfast.cli_support import command_settings
 @click.option("--summary", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Also write the summary as JSON here.")
 @click.option("--rate", type=click.FloatRange(min=0.1), default=5.0, show_default=True, help="Search requests per second.")
 @click.option("--student", type=click.Choice(["minilm", "tiny"]), default="minilm", show_default=True, help="First student when the registry has none: MiniLM, or a tiny random encoder (tests).")
+@click.option("--student-layers", type=click.IntRange(min=1), default=None, help="Encoder layers of the first student (default: all of MiniLM's 6); fewer keeps the bottom ones: faster to score, train and gate.")
 @click.option("--bootstrap-pairs", type=click.IntRange(min=16), default=600, show_default=True, help="Human-labelled pairs the first student is trained on.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--no-live", is_flag=True, help="No live terminal view (logs only).")
-def demo(duration: float, teacher: str | None, data: Path | None, summary: Path | None, rate: float, student: str, bootstrap_pairs: int, seed: int, no_live: bool) -> None:
+def demo(duration: float, teacher: str | None, data: Path | None, summary: Path | None, rate: float, student: str, student_layers: int | None, bootstrap_pairs: int, seed: int, no_live: bool) -> None:
     """The main job: the whole online loop on the embedded stack.
 
     \b
@@ -48,7 +49,7 @@ def demo(duration: float, teacher: str | None, data: Path | None, summary: Path 
     settings = command_settings(teacher_backend=teacher)
     config = DemoConfig(
         duration_s=duration, teacher=demo_teacher(teacher, settings), data=data, summary=summary, rate=rate,
-        student=student, bootstrap_pairs=bootstrap_pairs, seed=seed, live=not no_live,
+        student=student, student_layers=student_layers, bootstrap_pairs=bootstrap_pairs, seed=seed, live=not no_live,
     )  # fmt: skip
     result = run_demo(settings, config)
     click.echo(render_summary(result))
