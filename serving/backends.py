@@ -70,12 +70,15 @@ MAX_SCORE_DIFF = 0.1
 MAX_MEAN_SCORE_DIFF = 0.03
 MIN_SPEARMAN = 0.9
 RANK_SPREAD = 0.1
-# Export and quantization run in a child process: tracing the model and rewriting its graph hold the GIL for seconds,
-# which in the serving process stalls the requests the live version answers meanwhile. At equal CPU priority (measured
-# under 8 saturating clients, hd6k student, benchmarks/serving.py --swap-only): new version live 16.6 s after the
-# announcement, p99 during the swap 1.7× steady state; at nice 10 the swap took 84 s for 1.2×, so the child keeps
-# the server's priority (CHILD_NICE) and freshness wins.
-ISOLATE = True
+# Where export and quantization run. Tracing the model and rewriting its graph hold the GIL for seconds, which in the
+# serving process stalls the requests the live version answers meanwhile; a child process (ISOLATE) avoids that.
+# Measured under 8 saturating clients (hd6k, benchmarks/serving.py --swap-only): child at equal priority, live 16.6 s
+# after the announcement with p99 during the swap 1.7× steady state; at nice 10, 84 s and 1.2×; in-process (another
+# run) 12.5 s and 2.6×. But in the 5-minute demo each child, importing torch afresh, took 14-22 s a version (in-process
+# 3-4 s): swaps fell behind the publishes and the demo's freshness p50 went from 30 s to 105 s, while its server p99
+# fell from 659 to 238 ms. Freshness is what the loop exists for, so conversion stays in-process until a long-lived
+# converter process (torch imported once) removes the start-up cost.
+ISOLATE = False
 CHILD_NICE = 0
 CONVERT_TIMEOUT_S = 600
 ROWS_PER_RUN = 1  # pairs per ONNX Runtime run: 1 keeps scores independent of batch neighbours (see above)

@@ -169,7 +169,7 @@ def test_version_whose_conversion_fails_or_disagrees_is_refused(fault: str, rank
     settings = serve_settings.model_copy(update={"serve_backend": "onnx-int8", "serve_swap_on_publish": False})
     registry = Registry(settings)
     assert registry.publish(ranking_model, announce=False).version == "v0001"
-    monkeypatch.setattr(backends, "ISOLATE", False)  # convert in this process, where the faults below are injected
+    assert not backends.ISOLATE  # converted in this process, where the faults below are injected
     body = score_body("cordless drill", [t for _, t in PROBE_PAIRS[:6]])
     with running(settings) as (url, engine), httpx.Client(base_url=url, timeout=60, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as client:
         assert engine.champion_version == "v0001" and engine.routing.champion.backend_name == "onnx-int8"
@@ -199,10 +199,13 @@ def test_version_whose_conversion_fails_or_disagrees_is_refused(fault: str, rank
     assert info["champion"]["version"] == "v0001" and info["champion"]["backend"]["name"] == "onnx-int8" and v2 in info["refused"]
 
 
-def test_a_converter_process_that_fails_is_a_clear_refusal(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Conversion runs in a child process; when it dies, the refusal says what it said, and nothing stays cached."""
-    assert backends.ISOLATE
+def test_a_converter_process_converts_and_when_it_fails_that_is_a_clear_refusal(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Conversion can run in a child process; when it dies, the refusal says what it said, and nothing stays cached."""
+    monkeypatch.setattr(backends, "ISOLATE", True)
     student = load_student(folder)
+    converted = load_backend(student, folder, "onnx-int8", "cpu", threads=1)  # a real child process converts it
+    assert converted.check["cached"] is False and converted.check["max_score_diff"] <= MAX_SCORE_DIFF
+    shutil.rmtree(folder / CACHE_DIR)
     crash = "import sys; print('onnx export: unsupported operator aten::frobnicate', file=sys.stderr); sys.exit(3)"
     monkeypatch.setattr(backends, "child_command", lambda *_: [sys.executable, "-c", crash])
     with pytest.raises(BackendError) as err:
