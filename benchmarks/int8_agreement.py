@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from benchmarks.common import invocation, markdown_table, write_result
 from benchmarks.student import quality_slice
 from streams.datasets import load_pairs
+from streams.events import score_from_probs
 from training.distill import pair_texts
 from training.metrics import evaluate
 from training.student import load_student
@@ -34,7 +35,8 @@ WAYS = {"per-tensor": False, "per-channel": True}
 
 
 def relevance(probs: np.ndarray) -> np.ndarray:
-    return probs[:, 2] + 0.5 * probs[:, 1]
+    """The served relevance score of each row (``streams.events.score_from_probs``)."""
+    return np.array([score_from_probs(p) for p in probs])
 
 
 def measure(folder: Path, dev, work: Path) -> list[list[object]]:  # type: ignore[no-untyped-def]

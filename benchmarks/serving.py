@@ -127,7 +127,7 @@ def summarize(results: list[tuple[float, float, str]], wall: float) -> tuple[flo
 def layers_of(folder: Path) -> int:
     from training.student import read_config
 
-    return int(read_config(folder).encoder["num_hidden_layers"])
+    return read_config(folder).layers
 
 
 def untrained_students(tmp: Path, small_layers: list[int]) -> tuple[Path, list[Path]]:

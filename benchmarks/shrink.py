@@ -68,7 +68,7 @@ def main() -> None:
         m, (lat, bulk_rate) = metrics[name], timed[name]
         p50 = float(np.percentile(lat, 50))
         rows.append([
-            name, int(student.config.encoder["num_hidden_layers"]), student.parameter_counts()["inference"], m["spearman"], f"{100 * m['spearman'] / ref['spearman']:.1f} %",
+            name, student.config.layers, student.parameter_counts()["inference"], m["spearman"], f"{100 * m['spearman'] / ref['spearman']:.1f} %",
             m["ndcg@10"], f"{100 * m['ndcg@10'] / ref['ndcg@10']:.1f} %", p50, f"{ref_p50 / p50:.2f}×", bulk_rate, _training_seconds(Path(name)),
         ])  # fmt: skip
         print(rows[-1], flush=True)

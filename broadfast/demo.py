@@ -176,14 +176,14 @@ class Demo:
         kind = "relevance" if "relevance" in df.columns else "grade"
         cfg = StudentConfig.tiny() if self.config.student == "tiny" else StudentConfig.minilm(max_length=64)
         first = None
-        if self.config.student_layers is not None and self.config.student_layers < cfg.encoder["num_hidden_layers"]:
+        if self.config.student_layers is not None and self.config.student_layers < cfg.layers:
             from training.shrink import shrink_student
             from training.student import build_student
 
             first, _ = shrink_student(build_student(cfg, "cpu"), self.config.student_layers)  # the encoder's bottom layers
             cfg = first.config
         train_cfg = TrainConfig(epochs=1, batch_size=16, checkpoint=False, progress=self.config.live, seed=self.config.seed, device="cpu")
-        log.info("bootstrapping a first %s student (%d encoder layers) on %d human-labelled pairs of %s", self.config.student, cfg.encoder["num_hidden_layers"], len(df), source)
+        log.info("bootstrapping a first %s student (%d encoder layers) on %d human-labelled pairs of %s", self.config.student, cfg.layers, len(df), source)
         out = self.home / "bootstrap-student"
         teachers = {f"human-{kind}({source.parent.name}/{source.name})": len(df)}
         student, _ = train_offline_frame(df, human_targets(df, kind), train_cfg, cfg, out, resume=False, trained_on={"bootstrap": str(source), "pairs": len(df), "teachers": teachers}, student=first)

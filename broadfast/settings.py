@@ -305,4 +305,3 @@ def get_settings(**overrides: Any) -> Settings:
     """The process settings; keyword overrides (from flags) win over the environment."""
     clean = {k: v for k, v in overrides.items() if v is not None}
     return Settings(**clean) if clean else _cached()
-

@@ -186,7 +186,7 @@ def resolve_backend(setting: str, device: str) -> str:
     return setting
 
 
-def load_backend(student: Any, folder: Path, setting: str, device: str, threads: int, rows_per_run: int = ROWS_PER_RUN) -> Backend:
+def load_backend(student: Any, folder: Path, setting: str, device: str, threads: int) -> Backend:
     """The backend ``setting`` names for ``student`` (whose model folder is ``folder``), checked
     against PyTorch before it is returned; raises :class:`BackendError`."""
     name = resolve_backend(setting, device)
@@ -197,7 +197,7 @@ def load_backend(student: Any, folder: Path, setting: str, device: str, threads:
     started = time.perf_counter()
     path, meta, cached = convert(student, Path(folder))
     try:
-        backend = OnnxInt8Backend(student, path, threads, meta, rows_per_run)
+        backend = OnnxInt8Backend(student, path, threads, meta)
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types for an unreadable graph
         _discard(Path(folder) / CACHE_DIR)
         raise BackendError("convert", f"onnxruntime cannot load {path}: {type(exc).__name__}: {exc}") from exc

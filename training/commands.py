@@ -132,7 +132,7 @@ def _check_shrink_options(from_student: Path | None, layers: int | None, labels:
     if given:
         raise click.UsageError(f"with --from-student the architecture and targets come from the source student: drop {', '.join(given)}")
     try:
-        source_layers = int(read_config(from_student).encoder["num_hidden_layers"])
+        source_layers = read_config(from_student).layers
     except (CheckpointError, KeyError, TypeError, ValueError) as exc:
         raise click.BadParameter(f"{from_student} is not a student model folder: {exc}", param_hint="--from-student") from None
     if layers >= source_layers:
@@ -148,7 +148,7 @@ def _shrink(source_dir: Path, layers: int, df: Any, device: str | None) -> tuple
 
     source = load_student(source_dir, device or ("cuda" if torch.cuda.is_available() else "cpu"))
     small, kept = shrink_student(source, layers)
-    log.info("shrinking %s: %d → %d encoder layers, keeping source layers %s", source_dir, int(source.config.encoder["num_hidden_layers"]), layers, kept)
+    log.info("shrinking %s: %d → %d encoder layers, keeping source layers %s", source_dir, source.config.layers, layers, kept)
     tgt = student_targets(source, df)
     record = lineage(source_dir, source, kept)
     del source

@@ -199,7 +199,7 @@ class Registry:
             name=self.name, version=version, parent=parent, sha256=checksums[WEIGHTS_FILE], files=checksums,
             metrics=metrics, trained_on=trained_on, created_at=time.time(), uri=uri,
             student={"extractor": cfg.extractor, "n_perspectives": cfg.n_perspectives, "max_length": cfg.max_length,
-                     "layers": int(cfg.encoder.get("num_hidden_layers", 0)), "init_from": cfg.init_from,
+                     "layers": cfg.layers, "init_from": cfg.init_from,
                      "parameters": counts["inference"], "extractor_parameters": counts["extractor"]},
         )  # fmt: skip
         self.store.write_manifest(self.name, version, manifest)

@@ -33,10 +33,6 @@ INIT_FROM = "student"  # StudentConfig.init_from of a shrunk student: its weight
 _LAYER = re.compile(r"^encoder\.encoder\.layer\.(\d+)\.(.*)$")
 
 
-def layer_count(student: Student) -> int:
-    return int(student.config.encoder["num_hidden_layers"])
-
-
 def keep_layers(source_layers: int, layers: int) -> list[int]:
     """Which of the source's encoder layers (0-based) a ``layers``-layer student starts from: the bottom ``layers``.
 
@@ -57,7 +53,7 @@ def shrink_student(source: Student, layers: int, keep: Sequence[int] | None = No
     projection are copied; nothing is left at random. The copy is in training mode on the
     source's device and shares no tensor with the source.
     """
-    total = layer_count(source)
+    total = source.config.layers
     kept = list(keep) if keep is not None else keep_layers(total, layers)
     if len(kept) != layers or sorted(set(kept)) != kept or not all(0 <= k < total for k in kept):
         raise ValueError(f"keep must be {layers} increasing layer indices of 0–{total - 1}, got {kept}")
@@ -102,7 +98,7 @@ def lineage(source_dir: Path, source: Student, kept: list[int]) -> dict[str, Any
 
     record: dict[str, Any] = {
         "folder": str(source_dir.resolve()), "sha256": sha256_file(source_dir / WEIGHTS_FILE),
-        "source_layers": layer_count(source), "kept_layers": kept,
+        "source_layers": source.config.layers, "kept_layers": kept,
     }  # fmt: skip
     manifest = source_dir / MANIFEST_FILE
     if manifest.is_file():  # a registry version folder: name the version too

@@ -91,6 +91,11 @@ class StudentConfig:
         overrides.setdefault("extractor_hidden", 32)
         return cls(encoder=encoder, init_from="scratch", **overrides)
 
+    @property
+    def layers(self) -> int:
+        """Encoder layers."""
+        return int(self.encoder["num_hidden_layers"])
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
