@@ -1,7 +1,10 @@
-"""How far int8 moves a student's scores: per-tensor against per-channel int8 weights, fp32 the baseline.
+"""How far int8 moves a student's scores: ONNX Runtime dynamic int8 (per-tensor, per-channel weights) and
+OpenVINO static int8 (NNCF), fp32 the baseline.
 
-For each trained model folder: the whole scoring model is exported once (``serving.backends.export_onnx``),
-quantized both ways by ONNX Runtime's dynamic quantization, and scored as served (one pair per run) on
+For each trained model folder: the whole scoring model is exported once (``serving.export.export_onnx``),
+quantized three ways (ONNX Runtime's dynamic quantization with per-tensor and per-channel weights, as
+``onnx-int8`` serves; NNCF's static quantization calibrated on the probe set, as ``openvino-int8`` serves),
+and scored as served (onnx-int8 one pair per run, openvino-int8 runs of 8) on
 the 24 probe pairs the swap checks (max and mean |Δscore|, Spearman against fp32, the fp32 spread) and
 on whole dev queries (mean, p99 and max |Δscore|; dev Spearman and NDCG@10 of fp32 and of each int8).
 The probe figures are what ``serving.backends.MAX_SCORE_DIFF`` / ``MAX_MEAN_SCORE_DIFF`` /
@@ -31,7 +34,7 @@ from training.distill import pair_texts
 from training.metrics import evaluate
 from training.student import load_student
 
-WAYS = {"per-tensor": False, "per-channel": True}
+WAYS = {"onnx-int8, per-tensor": False, "onnx-int8, per-channel": True, "openvino-int8 (static)": None}
 
 
 def relevance(probs: np.ndarray) -> np.ndarray:
@@ -43,7 +46,9 @@ def measure(folder: Path, dev, work: Path) -> list[list[object]]:  # type: ignor
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from scipy.stats import spearmanr
 
-    from serving.backends import OnnxInt8Backend, export_onnx
+    from serving import openvino_int8
+    from serving.export import export_onnx
+    from serving.onnx_int8 import OnnxInt8Backend
     from serving.models import PROBE_PAIRS
 
     student = load_student(folder)
@@ -56,9 +61,14 @@ def measure(folder: Path, dev, work: Path) -> list[list[object]]:  # type: ignor
     base = evaluate(dev, ref_dev)
     rows: list[list[object]] = [[folder.name, "fp32 (baseline)", f"{np.ptp(ref_probe):.3f}", "", "", "", "", "", "", float(base["spearman"]), float(base["ndcg@10"])]]
     for way, per_channel in WAYS.items():
-        int8 = work / f"{way}.onnx"
-        quantize_dynamic(str(fp32), str(int8), weight_type=QuantType.QInt8, per_channel=per_channel)
-        backend = OnnxInt8Backend(student, int8, threads=torch.get_num_threads(), meta={})
+        if per_channel is None:
+            (work / "ov").mkdir(exist_ok=True)
+            openvino_int8.quantize(fp32, work / "ov", student)
+            backend = openvino_int8.OpenVinoInt8Backend(student, work / "ov" / openvino_int8.MODEL_FILE, threads=torch.get_num_threads(), meta={})
+        else:
+            int8 = work / f"per-channel-{per_channel}.onnx"
+            quantize_dynamic(str(fp32), str(int8), weight_type=QuantType.QInt8, per_channel=per_channel)
+            backend = OnnxInt8Backend(student, int8, threads=torch.get_num_threads(), meta={})
         probe = np.abs(relevance(backend.predict_proba(pq, pt)) - ref_probe)
         rho = spearmanr(relevance(backend.predict_proba(pq, pt)), ref_probe).statistic
         got = backend.predict_proba(dq, dt)
@@ -86,15 +96,17 @@ def main() -> None:
     for folder in tqdm(args.models, desc="models", unit="model"):
         with tempfile.TemporaryDirectory(prefix="broadfast-int8-") as tmp:
             rows.extend(measure(folder, dev, Path(tmp)))
-    headers = ["model", "weights", "probe fp32 spread", "probe max abs Δ", "probe mean abs Δ", "probe Spearman vs fp32",
+    headers = ["model", "int8", "probe fp32 spread", "probe max abs Δ", "probe mean abs Δ", "probe Spearman vs fp32",
                "dev mean abs Δ", "dev p99 abs Δ", "dev max abs Δ", "dev Spearman", "dev NDCG@10"]  # fmt: skip
     body = (
         f"{len(dev):,} dev pairs of {dev['query'].nunique()} whole queries of `{args.data.name}`; 24 probe pairs (`serving/models.py: PROBE_PAIRS`); "
-        f"abs Δ = abs(relevance score int8 − fp32), relevance = P(exact) + ½·P(partial); int8 served one pair per run, {args.threads} thread(s).\n\n"
+        f"abs Δ = abs(relevance score int8 − fp32), relevance = P(exact) + ½·P(partial); onnx-int8 served one pair per run, openvino-int8 runs of 8, {args.threads} thread(s).\n\n"
         f"{markdown_table(headers, rows)}\n"
     )
-    notes = "ONNX Runtime `quantize_dynamic`, QInt8 weights, per tensor or per output channel; activations quantized at run time. " + args.notes
-    write_result("int8_agreement", "int8 against fp32: per-tensor and per-channel weights", invocation(), body, notes)
+    notes = ("onnx-int8: ONNX Runtime `quantize_dynamic`, QInt8 weights, per tensor or per output channel; activations quantized at run time. "
+             "openvino-int8: `nncf.quantize(model_type=TRANSFORMER)` calibrated on the probe queries × probe ad texts (serving/openvino_int8.py), "
+             "run with f32 inference precision. " + args.notes)  # fmt: skip
+    write_result("int8_agreement", "int8 against fp32: ONNX Runtime dynamic (per-tensor, per-channel) and OpenVINO static", invocation(), body, notes)
 
 
 if __name__ == "__main__":

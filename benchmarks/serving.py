@@ -1,7 +1,7 @@
 """Scoring API: backend × student layers × threads × clients, and the hot swap, in one run.
 
 Real servers (``broadfast serve`` in subprocesses, CPU): one per inference backend (``--backends``,
-default ``torch`` = PyTorch fp32, the baseline, and ``onnx-int8``) and student (``--model``, the
+default ``torch`` = PyTorch fp32, the baseline, ``openvino-int8`` and ``onnx-int8``) and student (``--model``, the
 6-layer student, and ``--small``, students with fewer encoder layers, e.g. distilled with
 ``broadfast train offline --from-student … --layers 3``), started afresh for each thread count.
 Clients post 50-ad requests (Home Depot dev titles) at each concurrency level; the servers take
@@ -166,7 +166,7 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=None, help="The 6-layer student (a trained model folder; copied aside). Default: packaged MiniLM-L6, untrained head.")
     parser.add_argument("--small", type=Path, nargs="*", default=[], help="Students with fewer layers (model folders).")
     parser.add_argument("--small-layers", default="3", help="Without --model: layer counts of the untrained cut-down copies.")
-    parser.add_argument("--backends", default="torch,onnx-int8", help="Inference backends; the first is the baseline.")
+    parser.add_argument("--backends", default="torch,openvino-int8,onnx-int8", help="Inference backends; the first is the baseline.")
     parser.add_argument("--threads", default="1,2", help="Intra-op threads per server (BROADFAST_TORCH_THREADS).")
     parser.add_argument("--clients", default="1,8", help="Concurrent clients.")
     parser.add_argument("--data", type=Path, default=Path("../shared/data/homedepot/dev.parquet"))
@@ -176,7 +176,9 @@ def main() -> None:
     parser.add_argument("--steady-s", type=float, default=20.0, help="Seconds of steady load before the swap.")
     parser.add_argument("--swap-threads", type=int, default=2)
     parser.add_argument("--swap-only", action="store_true", help="Only the hot swap (of --model), written to results/serving_swap.md.")
+    parser.add_argument("--no-swap", action="store_true", help="Skip the hot swap (a focused latency run).")
     parser.add_argument("--notes", default="", help="How the models were made (goes under the tables).")
+    parser.add_argument("--result", default="serving", help="Name of the table under benchmarks/results/ (e.g. serving_latency for a focused run).")
     args = parser.parse_args()
     backends = args.backends.split(",")
     threads_list = [int(x) for x in args.threads.split(",")]
@@ -242,7 +244,7 @@ def main() -> None:
                                  q["ndcg@10"], f"{q['ndcg@10'] / base_q['ndcg@10']:.1%}"])  # fmt: skip
         table = markdown_table(["backend", "student", "threads", "clients", "p50 ms", "p99 ms", "pairs/s", f"pairs/s vs {backends[0]} {baseline_model}",
                                 "dev Spearman", "% of fp32 6-layer", "dev NDCG@10", "% of fp32 6-layer"], rows)  # fmt: skip
-        swap_table = hot_swap(args, registries[baseline_model], tmp_path)
+        swap_table = "" if args.no_swap else hot_swap(args, registries[baseline_model], tmp_path)
 
     body = (
         f"Students: {', '.join(f'{name} (`{folder}`)' for name, folder in models.items())}. {ADS}-ad requests (Home Depot dev titles), client-side latency, "
@@ -250,12 +252,13 @@ def main() -> None:
         f"{dev['query'].nunique()} whole queries of `{args.data.name}`, scored in-process by the same backend code.\n\n{table}\n\n{swap_table}\n"
     )
     notes = (
-        "torch = PyTorch fp32; onnx-int8 = ONNX Runtime, int8 per-channel weights, one pair per run (serving/backends.py). "
+        "torch = PyTorch fp32; openvino-int8 = OpenVINO, static int8 (NNCF) weights and activations, length-sorted runs of 8 pairs (serving/openvino_int8.py); "
+        "onnx-int8 = ONNX Runtime, dynamic int8 per-channel weights, one pair per run (serving/onnx_int8.py). "
         "CPU figures on shared, noisy cores: read ratios within a run. "
         + ("The students are the packaged MiniLM-L6 with an untrained head and a cut-down copy: speed only, their quality columns mean nothing. " if args.model is None else "")
         + args.notes
     )
-    write_result("serving", "Scoring API: backend × layers × threads × clients, and hot swap", invocation(), body, notes)
+    write_result(args.result, "Scoring API: backend × layers × threads × clients, and hot swap", invocation(), body, notes)
 
 
 def hot_swap(args: argparse.Namespace, registry_of: tuple[Settings, Path], tmp_path: Path) -> str:

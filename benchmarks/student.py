@@ -183,7 +183,8 @@ def compare_backends(args: argparse.Namespace, requests, bulk_q: list[str], bulk
     """Latency and dev quality of each backend on one student, interleaved in the same run."""
     from scipy.stats import spearmanr
 
-    from serving.backends import OnnxInt8Backend, load_backend
+    from serving.backends import load_backend
+    from serving.onnx_int8 import OnnxInt8Backend
     from training.metrics import evaluate
 
     names = args.backends.split(",")
@@ -193,7 +194,7 @@ def compare_backends(args: argparse.Namespace, requests, bulk_q: list[str], bulk
     with tempfile.TemporaryDirectory(prefix="broadfast-backends-") as tmp:
         folder = Path(tmp) / "model"
         if args.model:
-            shutil.copytree(args.model, folder, ignore=shutil.ignore_patterns("onnx-int8"))
+            shutil.copytree(args.model, folder, ignore=shutil.ignore_patterns("onnx-int8", "openvino-int8"))
             what = f"the trained student `{Path(args.model).name}`"
         else:
             torch.manual_seed(0)

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from broadfast.demo_report import TEACHER_MEANING, Tally, Watcher, budget_line, freshness, percentile, quality_line, quality_summary, version_quality
+from broadfast.demo_shift import SHIFT_MAX_ADS, Shift, shift_line, shift_summary
 from broadfast.errors import BroadfastError
 from broadfast.settings import Settings
 
@@ -44,11 +45,13 @@ class DemoConfig:
     summary: Path | None = None
     rate: float = 5.0  # search requests per second
     student: str = "minilm"  # or "tiny" (a small random encoder: CI)
-    student_layers: int | None = None  # first student's encoder layers: None = all of the encoder's; fewer = its bottom ones (training/shrink.py)
+    student_layers: int | None = 3  # first student's encoder layers: None = all of the encoder's; fewer = its bottom ones (training/shrink.py)
     bootstrap_pairs: int = 600
     seed: int = 0
     drain_s: float = 10.0
     live: bool = True
+    shift_to: Path | None = None  # a second data set the traffic switches to (broadfast/demo_shift.py)
+    shift_after_s: float = 180.0
 
 
 # -- components ------------------------------------------------------------------------------
@@ -116,8 +119,10 @@ class Demo:
         self.components: list[Component] = []
         self.stop_event = threading.Event()
         self.started = 0.0
+        self.started_wall = 0.0
         self.replay_stats: Any = None
         self.backend: dict[str, Any] | None = None  # the champion's inference backend, read from the API at the end
+        self.shift: Shift | None = None
 
     # -- set-up --------------------------------------------------------------------------
     def _stack(self) -> tuple[Settings, dict[str, str]]:
@@ -143,6 +148,10 @@ class Demo:
             log.info("removing the trainer state of an earlier demo run (%s): the embedded broker starts empty", checkpoint)
             shutil.rmtree(checkpoint)
 
+    def _val_files(self, data: Path) -> list[Path]:
+        """The data sets the oracle answers from and the trainer's fixed slice is drawn from: both, in a shift."""
+        return [data] if self.shift is None else [data, self.shift.target]
+
     def _data(self) -> Path:
         data = self.config.data or self.base.data
         if not Path(data).exists():
@@ -165,7 +174,7 @@ class Demo:
         from streams.datasets import load_pairs
         from training.distill import TrainConfig, train_offline_frame
         from training.gate import Gate
-        from training.online import is_held_out, validation_slice
+        from training.online import is_held_out, validation_frame
         from training.student import StudentConfig
         from training.targets import human_targets
 
@@ -188,7 +197,7 @@ class Demo:
         teachers = {f"human-{kind}({source.parent.name}/{source.name})": len(df)}
         student, _ = train_offline_frame(df, human_targets(df, kind), train_cfg, cfg, out, resume=False, trained_on={"bootstrap": str(source), "pairs": len(df), "teachers": teachers}, student=first)
         # measured exactly as the online trainer's gate measures every later version
-        val = validation_slice(load_pairs(data, require_grade=True), settings.online_val_share, settings.online_val_pairs)
+        val = validation_frame(self._val_files(data), settings.online_val_share, settings.online_val_pairs)
         measured = Gate(val).measure(student)
         metrics = {f"val_{k}": v for k, v in measured.metrics.items() if np.isfinite(v)}
         log.info("first student: validation spearman %.4f, ndcg@10 %.4f on %d pairs", measured.metrics.get("spearman", float("nan")), measured.metrics.get("ndcg@10", float("nan")), len(val))
@@ -253,6 +262,8 @@ class Demo:
 
         self.logs.mkdir(parents=True, exist_ok=True)
         data = self._data()
+        if self.config.shift_to is not None:
+            self.shift = Shift(data, Path(self.config.shift_to), self.config.shift_after_s)
         settings, stack_env = self._stack()
         self.settings = settings
         try:
@@ -263,7 +274,7 @@ class Demo:
             env = self._env(
                 stack_env,
                 BROADFAST_SCORING_URL=url, BROADFAST_SERVE_PORT=str(port), BROADFAST_TEACHER_BACKEND=self.config.teacher,
-                BROADFAST_TEACHER_ORACLE_DATA=str(data), BROADFAST_DATA=str(data),
+                BROADFAST_TEACHER_ORACLE_DATA=",".join(str(p) for p in self._val_files(data)), BROADFAST_DATA=str(data),
             )  # fmt: skip
             self._features(env)
             serve = Component("serve", ["serve", "--port", str(port)], env, self.logs)
@@ -271,7 +282,7 @@ class Demo:
                 serve,
                 Component("stream", ["stream"], env | {"BROADFAST_STREAM_WEB_PORT": "0"}, self.logs),
                 Component("label", ["label", "--teacher", self.config.teacher], env, self.logs),
-                Component("train", ["train", "online"], env, self.logs),
+                Component("train", ["train", "online", *(arg for p in self._val_files(data) for arg in ("--val-data", str(p)))], env, self.logs),
                 Component("monitor", ["monitor"], env, self.logs),
             ]
             for component in self.components:
@@ -292,20 +303,27 @@ class Demo:
     def _traffic(self, settings: Settings, data: Path, url: str, watcher: Watcher) -> None:
         from streams.bus import EventBus
         from streams.datasets import load_pairs
-        from streams.replay import HttpScorer, Replayer, plan_requests
+        from streams.replay import HttpScorer, Replayer, plan_requests, shifted
 
         df = load_pairs(data, require_grade=True)
+        shift = self.shift
         scorer = HttpScorer(url)
         bus = EventBus(settings)
         stop = threading.Event()
         result: dict[str, Any] = {}
 
         def replay() -> None:
-            planned = plan_requests(df, limit=None, seed=self.config.seed)
+            if shift is None:
+                planned = plan_requests(df, limit=None, seed=self.config.seed)
+            else:
+                old = plan_requests(df, limit=None, seed=self.config.seed, max_ads=SHIFT_MAX_ADS)
+                new = plan_requests(load_pairs(shift.target, require_grade=True), limit=None, seed=self.config.seed, max_ads=SHIFT_MAX_ADS)
+                planned = shifted(old, new, after_s=shift.after_s, on_shift=shift.mark)
             result["stats"] = Replayer(bus, scorer=scorer, seed=self.config.seed).run(planned, rate=self.config.rate, stop=stop, concurrency=2)
 
         thread = threading.Thread(target=replay, name="demo-replay", daemon=True)
         self.started = time.monotonic()
+        self.started_wall = time.time()
         thread.start()
         try:
             self._live(watcher, until=self.started + self.config.duration_s)
@@ -358,6 +376,8 @@ class Demo:
         table = Table(title=f"broadfast demo — {elapsed:5.0f} s / {self.config.duration_s:.0f} s", show_header=False, min_width=60)
         table.add_column("what", style="bold")
         table.add_column("value")
+        if self.shift is not None:
+            table.add_row("traffic", shift_line(self.shift, t, self.started_wall))
         table.add_row("pairs scored", f"{counts.get('scored', 0):,}  ({counts.get('scored', 0) / max(elapsed, 1e-9):,.1f}/s)")
         table.add_row("hard cases", f"{counts.get('hardcases', 0):,}")
         table.add_row("teacher labels", f"{counts.get('labels', 0):,}")
@@ -421,6 +441,7 @@ class Demo:
             "quality": quality_summary(tally, self.config.teacher),
             "labelling": self._budget(),
             "drift_reports": reports,
+            **({"shift": shift_summary(self.settings, self.shift, tally)} if self.shift is not None else {}),
             "components": {c.name: c.status() for c in self.components},
             "components_died": died,
             "logs": str(self.logs),

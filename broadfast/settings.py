@@ -95,7 +95,7 @@ class Settings(BaseSettings):
     teacher_retries: int = Field(default=3, ge=0, description="Retries of a timed-out or failed vLLM request (exponential backoff).")
     teacher_backoff_s: float = Field(default=0.5, ge=0, description="First retry delay (seconds); doubles each retry.")
     teacher_local_batch: int = Field(default=8, ge=1, description="Prompts per forward batch of the transformers backend.")
-    teacher_oracle_data: Path | None = Field(default=None, description="Human-graded pairs the oracle answers from. Default: BROADFAST_DATA.")
+    teacher_oracle_data: str | None = Field(default=None, description="Human-graded pairs the oracle answers from: one file, or several separated by commas (a shift from one data set to another needs both). Default: BROADFAST_DATA.")
     teacher_oracle_smoothing: float = Field(default=0.1, ge=0.0, le=1.0, description="Label smoothing of the oracle's soft labels (human relevance spread over neighbouring grades, or one-hot grades).")
     teacher_min_mass: float = Field(
         default=0.5,
@@ -172,9 +172,9 @@ class Settings(BaseSettings):
 
     # -- serving (issue 5): add fields below this line ----
     serve_device: str | None = Field(default=None, description="Torch device of the scoring API ('cpu', 'cuda', 'cuda:1'); default: cuda when available.")
-    serve_backend: Literal["auto", "torch", "onnx-int8"] = Field(
+    serve_backend: Literal["auto", "torch", "openvino-int8", "onnx-int8"] = Field(
         default="auto",
-        description="Inference backend of the scoring API and `broadfast predict`: 'torch' (PyTorch: fp32 on CPU, bf16 on a GPU), 'onnx-int8' (ONNX Runtime, int8 per-channel weights; converted once per version, cached in <model folder>/onnx-int8/, checked against PyTorch before it serves) or 'auto' (onnx-int8 on a CPU when onnxruntime is installed, else torch; docs/serving.md has the measurements behind the default).",
+        description="Inference backend of the scoring API and `broadfast predict`: 'torch' (PyTorch: fp32 on CPU, bf16 on a GPU), 'openvino-int8' (OpenVINO, static int8 weights and activations by NNCF, several pairs a run), 'onnx-int8' (ONNX Runtime, dynamic int8 per-channel weights, one pair a run) or 'auto' (on a CPU the first of openvino-int8, onnx-int8 that is installed, else torch). An int8 model is converted once per version, cached in <model folder>/<backend>/ and checked against PyTorch before it serves; docs/serving.md has the measurements behind the default.",
     )
     serve_batching: bool = Field(default=True, description="Micro-batch pairs across concurrent requests (off: each request runs alone, the naive baseline).")
     serve_max_batch_pairs: int = Field(default=256, ge=1, description="Most pairs gathered into one micro-batch (a request is never split).")
@@ -223,7 +223,7 @@ class Settings(BaseSettings):
 
     # -- process -----------------------------------------------------------------------
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(default="INFO", description="Log level.")
-    torch_threads: int = Field(default=1, ge=1, description="Intra-op threads on CPU (PyTorch, and ONNX Runtime for the onnx-int8 backend).")
+    torch_threads: int = Field(default=1, ge=1, description="Intra-op threads on CPU (PyTorch, and OpenVINO or ONNX Runtime for the int8 backends).")
 
     @field_validator("home", "registry_root", "data", mode="after")
     @classmethod

@@ -8,7 +8,9 @@ monitoring round, or one ``broadfast drift``), and a panel with no snapshot yet 
 - share of drifted columns and number of drifted columns (``DriftedColumnsCount``);
 - drift score of each input column and of each model column (``ValueDrift``);
 - the serving version's mean score, teacher–student label agreement and hard-case rate over
-  the current window (``MeanValue`` of ``score``, ``label_agreement``, ``hard_case``).
+  the current window (``MeanValue`` of ``score``, ``label_agreement``, ``hard_case``);
+- teacher labels and hard cases per minute, and the serving version's validation quality
+  (:mod:`monitoring.loop`, snapshots tagged ``loop``).
 
 ``broadfast A/B`` (:mod:`monitoring.ab`):
 
@@ -92,6 +94,20 @@ DRIFT_PANELS: tuple[DashboardPanelPlot, ...] = (
         "Hard-case rate",
         [PanelMetric(legend="hard-case rate", metric=MEAN, metric_labels={"column": "hard_case"}, tags=["drift"])],
         "Share of the serving version's pairs the stream sent to the teacher as hard cases.",
+        size="half",
+    ),
+    line_plot_panel(
+        "Teacher labels and hard cases per minute",
+        [PanelMetric(legend=legend, metric=MEAN, metric_labels={"column": column}, tags=["loop"])
+         for legend, column in (("labels / min", "labels_per_min"), ("hard cases / min", "hard_cases_per_min"))],  # fmt: skip
+        "Over each monitoring round's interval: labels the teacher wrote and hard cases the stream sent it. Labels falling behind hard cases means the teacher is the bottleneck (the labelling budget then admits fewer).",
+        size="half",
+    ),
+    line_plot_panel(
+        "Serving version's validation quality",
+        [PanelMetric(legend=legend, metric=MEAN, metric_labels={"column": column}, tags=["loop"])
+         for legend, column in (("Spearman (fixed slice)", "val_spearman"), ("NDCG@10 (fixed slice)", "val_ndcg_at_10"), ("Spearman (newest held-out traffic)", "stream_spearman"))],  # fmt: skip
+        "The version serving at each round, as the online trainer measured it when it published it: on its fixed slice of held-out queries and on the newest held-out traffic labels.",
         size="half",
     ),
 )

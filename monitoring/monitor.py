@@ -45,6 +45,7 @@ from broadfast.settings import Settings
 from monitoring.ab import compare
 from monitoring.drift import drift_report, write_report
 from monitoring.errors import WindowError
+from monitoring.loop import loop_report, served_quality, traffic_figures
 from monitoring.traffic import TOPICS, TrafficWindow
 from monitoring.window import MODEL_COLUMNS, serving_version, window_from_traffic
 from monitoring.workspace import (
@@ -82,6 +83,7 @@ class RoundResult:
     out_dir: Path
     drift: dict[str, Any] | None = None
     ab: dict[str, Any] | None = None
+    loop: dict[str, Any] | None = None  # labels and hard cases per minute, the serving version's validation figures (monitoring.loop)
     alerts: list[Alert] = field(default_factory=list)
     rolled_back: bool = False
     notes: list[str] = field(default_factory=list)
@@ -110,6 +112,7 @@ class Monitor:
         result = RoundResult(out)
         frames = window.frames()
         self._drift(frames, result)
+        self._loop(frames, result)
         self._ab(frames, result)
         for alert in result.alerts:
             if self.bus is not None:
@@ -117,7 +120,7 @@ class Monitor:
         if self.bus is not None and result.alerts:
             self.bus.flush()
         (out / "round.json").write_text(
-            json.dumps({"drift": result.drift, "ab": result.ab, "alerts": [a.model_dump() for a in result.alerts], "rolled_back": result.rolled_back, "notes": result.notes}, indent=2, default=str)
+            json.dumps({"drift": result.drift, "loop": result.loop, "ab": result.ab, "alerts": [a.model_dump() for a in result.alerts], "rolled_back": result.rolled_back, "notes": result.notes}, indent=2, default=str)
         )
         return result
 
@@ -182,6 +185,15 @@ class Monitor:
                     ts=now(),
                 )
             )
+
+    def _loop(self, frames: dict[str, pd.DataFrame], result: RoundResult) -> None:
+        """The loop's figures of this round (:mod:`monitoring.loop`), saved for the drift project's dashboard."""
+        if frames["scored"].empty:
+            return
+        version, _ = serving_version(frames["scored"])
+        figures = traffic_figures(frames, self.settings.monitor_interval_s, time.time()) | served_quality(self.settings, version)
+        snapshot_id = save_snapshot(self.settings, DRIFT_PROJECT, loop_report(figures, version))
+        result.loop = {"model_version": version, **{k: round(v, 6) for k, v in figures.items()}, "snapshot_id": snapshot_id}
 
     def _ab(self, frames: dict[str, pd.DataFrame], result: RoundResult) -> None:
         if self.store is None:

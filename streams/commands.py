@@ -5,6 +5,7 @@ Keep imports of heavy libraries inside the command functions so `broadfast --hel
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import sys
@@ -75,25 +76,37 @@ def stack_status(as_json: bool) -> None:
 @click.option("--max-ads", type=click.IntRange(min=1), default=50, show_default=True, help="Most candidate ads per request.")
 @click.option("--concurrency", type=click.IntRange(min=1), default=1, show_default=True, help="Requests in flight to the scoring API.")
 @click.option("--scoring-url", default=None, help="Scoring API base URL [BROADFAST_SCORING_URL]; without it ads keep retrieval order.")
-def replay(data: Path | None, rate: float, limit: int, seed: int, max_ads: int, concurrency: int, scoring_url: str | None) -> None:
+@click.option("--shift-to", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None, help="A second data set: the traffic switches to it after --shift-after requests (a simulated shift of traffic).")
+@click.option("--shift-after", type=click.IntRange(min=0), default=None, help="With --shift-to: requests from --data before the switch (default: half of --limit).")
+def replay(data: Path | None, rate: float, limit: int, seed: int, max_ads: int, concurrency: int, scoring_url: str | None, shift_to: Path | None, shift_after: int | None) -> None:
     """Simulated search frontend: replay a data set as search requests with clicks.
 
     Logs each request to <prefix>.requests, ranks its ads by the scoring API's scores (if
     configured), and logs position-biased clicks (driven by the true grade) to
-    <prefix>.clicks. See docs/replay.md for the click model.
+    <prefix>.clicks. With --shift-to the traffic switches to another data set part-way
+    (new queries and products: what drift monitoring and the online loop are for). See
+    docs/replay.md for the click model.
     """
+    if shift_after is not None and shift_to is None:
+        raise click.UsageError("--shift-after needs --shift-to")
     from tqdm import tqdm
 
     from streams.bus import EventBus
     from streams.datasets import load_pairs
-    from streams.replay import HttpScorer, Replayer, plan_requests
+    from streams.replay import HttpScorer, Replayer, plan_requests, shifted
 
     settings = command_settings(data=data, scoring_url=scoring_url)
     df = load_pairs(settings.data, require_grade=True)
     scorer = HttpScorer(settings.scoring_url) if settings.scoring_url else None
     logging.getLogger("broadfast.replay").info("replaying %d requests from %s (%d pairs, %d queries)%s", limit, settings.data, len(df), df["query"].nunique(), f" scored by {settings.scoring_url}" if scorer else "")
+    planned = plan_requests(df, limit=limit, seed=seed, max_ads=max_ads)
+    if shift_to is not None:
+        after = limit // 2 if shift_after is None else min(shift_after, limit)
+        second = load_pairs(shift_to, require_grade=True)
+        planned = itertools.islice(shifted(planned, plan_requests(second, limit=None, seed=seed, max_ads=max_ads), after_requests=after), limit)
+        logging.getLogger("broadfast.replay").info("the traffic shifts to %s (%d pairs, %d queries) after %d requests", shift_to, len(second), second["query"].nunique(), after)
     with EventBus(settings) as bus, tqdm(total=limit, unit="req", desc="replay", disable=None) as bar:
-        stats = Replayer(bus, scorer=scorer, seed=seed).run(plan_requests(df, limit=limit, seed=seed, max_ads=max_ads), rate=rate or None, concurrency=concurrency, progress=bar.update)
+        stats = Replayer(bus, scorer=scorer, seed=seed).run(planned, rate=rate or None, concurrency=concurrency, progress=bar.update)
     if scorer is not None:
         scorer.close()
     click.echo(stats.summary())

@@ -118,6 +118,38 @@ def plan_requests(
             index += 1
 
 
+def shifted(
+    first: Iterator[PlannedRequest],
+    second: Iterator[PlannedRequest],
+    *,
+    after_s: float | None = None,
+    after_requests: int | None = None,
+    on_shift: Callable[[float], None] | None = None,
+) -> Iterator[PlannedRequest]:
+    """A shift of traffic: ``first``'s requests, then ``second``'s once ``after_s`` seconds have passed
+    since the first request or ``after_requests`` requests were made (whichever comes first);
+    ``on_shift(ts)`` is called once, at the switch. Request ids stay unique (each plan has its own run id).
+
+    >>> df = lambda q: pd.DataFrame({"query": [q], "product_id": ["a"], "title": ["t"], "description": [""], "grade": [2]})
+    >>> plan = shifted(plan_requests(df("old"), limit=None, seed=0), plan_requests(df("new"), limit=None, seed=0), after_requests=2)
+    >>> [next(plan).request.query for _ in range(4)]
+    ['old', 'old', 'new', 'new']
+    """
+    if after_s is None and after_requests is None:
+        raise BroadfastError("a shift needs after_s or after_requests")
+    started = time.monotonic()
+    n = 0
+    for item in first:
+        if (after_s is not None and time.monotonic() - started >= after_s) or (after_requests is not None and n >= after_requests):
+            break
+        n += 1
+        yield item
+    if on_shift is not None:
+        on_shift(time.time())
+    log.info("traffic shifted after %d requests (%.0f s)", n, time.monotonic() - started)
+    yield from second
+
+
 @dataclass
 class ReplayStats:
     requests: int = 0

@@ -163,8 +163,9 @@ def _cut(tgt: Any, n: int) -> Any:
 
 @train.command("online")
 @click.option("--max-rounds", type=click.IntRange(min=1), default=None, help="Stop after this many training rounds (default: run until stopped).")
-@click.option("--val-data", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Human-graded pairs for the validation slice [BROADFAST_DATA].")
-def train_online(max_rounds: int | None, val_data: Path | None) -> None:
+@click.option("--val-data", type=click.Path(dir_okay=False, path_type=Path), multiple=True,
+              help="Human-graded pairs for the fixed validation slice; repeat it for several data sets (their held-out queries, pooled) [BROADFAST_DATA].")
+def train_online(max_rounds: int | None, val_data: tuple[Path, ...]) -> None:
     """Distil continuously from relevance.labels and publish gated versions.
 
     \b
@@ -187,7 +188,7 @@ def train_online(max_rounds: int | None, val_data: Path | None) -> None:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    trainer = run_online(settings, stop=stop, max_rounds=max_rounds, val_data=val_data)
+    trainer = run_online(settings, stop=stop, max_rounds=max_rounds, val_data=list(val_data) or None)
     click.echo(f"online trainer stopped after {trainer.rounds} rounds, {trainer.steps} steps, {trainer.labels_trained} labels; live version {trainer.live_version}")
 
 

@@ -41,6 +41,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -88,6 +89,24 @@ def validation_slice(df: pd.DataFrame, share: float, max_pairs: int, seed: int =
         picked.append(q)
         n += size
     return held[held["query"].isin(picked)].reset_index(drop=True)
+
+
+def validation_frame(paths: Sequence[Path], share: float, max_pairs: int) -> pd.DataFrame:
+    """The fixed validation slice over one data set or several (a shift's old and new traffic): each file's
+    held-out queries (:func:`validation_slice`), ``max_pairs`` shared equally. Pooled, each file's ``relevance``
+    is rescaled linearly from its own range onto 1-3 (Home Depot's), so Spearman and NDCG compare like with like."""
+    from streams.datasets import load_pairs
+
+    if len(paths) == 1:
+        return validation_slice(load_pairs(paths[0], require_grade=True), share, max_pairs)
+    parts = []
+    for path in paths:
+        part = validation_slice(load_pairs(path, require_grade=True), share, max(10, max_pairs // len(paths)))
+        if "relevance" in part.columns:
+            low, high = float(part["relevance"].min()), float(part["relevance"].max())
+            part = part.assign(relevance=1.0 + 2.0 * (part["relevance"] - low) / (high - low) if high > low else 2.0)
+        parts.append(part)
+    return pd.concat(parts, ignore_index=True)
 
 
 def row_of(label: TeacherLabel, partition: int, offset: int) -> LabelRow:
@@ -409,18 +428,17 @@ def reread_if_log_lost(consumer: Any, trainer: OnlineTrainer, tp: Any) -> None:
         trainer.offsets[tp.partition] = 0
 
 
-def run_online(settings: Settings, *, stop: threading.Event | None = None, max_rounds: int | None = None, val_data: Path | None = None) -> OnlineTrainer:
+def run_online(settings: Settings, *, stop: threading.Event | None = None, max_rounds: int | None = None, val_data: Path | Sequence[Path] | None = None) -> OnlineTrainer:
     """The ``broadfast train online`` loop: consume labels, train rounds, publish, commit."""
     from kafka.structs import OffsetAndMetadata, TopicPartition
 
     from streams.bus import EventBus, commit, consume, make_consumer
-    from streams.datasets import load_pairs
     from streams.deadletter import DeadLetters
     from training.registry import Registry
 
     stop = stop or threading.Event()
-    df = load_pairs(val_data or settings.data, require_grade=True)
-    val = validation_slice(df, settings.online_val_share, settings.online_val_pairs)
+    paths = [Path(val_data)] if isinstance(val_data, (str, Path)) else list(val_data or [settings.data])
+    val = validation_frame(paths, settings.online_val_share, settings.online_val_pairs)
     log.info("validation slice: %d pairs of %d held-out queries", len(val), val["query"].nunique())
     trainer = OnlineTrainer(settings, Registry(settings), val)
     trainer.start()

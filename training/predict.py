@@ -48,7 +48,7 @@ def predict_file(
     model: str | Path, data: str | Path, out: str | Path, batch_size: int = 128, device: str | None = None, backend: str = "torch", threads: int = 1
 ) -> pd.DataFrame:
     """Score ``data`` with the model folder ``model`` and write ``out`` (parquet); ``backend``: a
-    ``serve_backend`` value (``auto``, ``torch``, ``onnx-int8``), ``threads``: ONNX Runtime's intra-op threads."""
+    ``serve_backend`` value (``auto``, ``torch``, ``openvino-int8``, ``onnx-int8``), ``threads``: the int8 runtime's intra-op threads."""
     from serving.backends import load_backend
 
     student = load_student(model, device)

@@ -16,6 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from monitoring.window import MODEL_COLUMNS
 from serving.backends import resolve_backend
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -32,21 +33,23 @@ def processes_with_home(home: Path) -> list[int]:
     return found
 
 
-def test_demo_closes_the_loop(tmp_path: Path, shared_data: Path) -> None:
-    home = tmp_path / "home"
-    summary_path = tmp_path / "summary.json"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BROADFAST_")} | {
+def demo_env(home: Path, shared_data: Path, **extra: str) -> dict[str, str]:
+    """A CI-sized loop: small rounds, publish whenever the gate allows, a generous gate; Home Depot dev traffic."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("BROADFAST_")} | {
         "BROADFAST_HOME": str(home),
         "BROADFAST_DATA": str(shared_data / "homedepot" / "dev.parquet"),
-        # a fast loop: small rounds, publish whenever the gate allows, a generous gate
         "BROADFAST_ONLINE_ROUND_LABELS": "8",
         "BROADFAST_ONLINE_ROUND_WAIT_S": "2",
         "BROADFAST_ONLINE_PUBLISH_EVERY_S": "5",
         "BROADFAST_ONLINE_GATE_TOLERANCE": "1.0",
-        "BROADFAST_ONLINE_VAL_PAIRS": "60",
         "BROADFAST_STREAM_BUDGET_PER_S": "5",
-        "BROADFAST_MONITOR_INTERVAL_S": "20",
-    }
+    } | extra
+
+
+def test_demo_closes_the_loop(tmp_path: Path, shared_data: Path) -> None:
+    home = tmp_path / "home"
+    summary_path = tmp_path / "summary.json"
+    env = demo_env(home, shared_data, BROADFAST_ONLINE_VAL_PAIRS="60", BROADFAST_MONITOR_INTERVAL_S="20")
     cli = Path(sys.executable).parent / "broadfast"
     proc = subprocess.run(
         [str(cli), "demo", "--duration", "75", "--rate", "4", "--teacher", "oracle", "--student", "tiny", "--student-layers", "1",
@@ -77,4 +80,38 @@ def test_demo_closes_the_loop(tmp_path: Path, shared_data: Path) -> None:
     assert any(any(t.startswith("oracle:") for t in v["teachers"]) for v in served[1:])
     assert "student quality" in proc.stdout
     assert "freshness" in proc.stdout and "swaps" in proc.stdout
+    assert processes_with_home(home) == [], "the demo left processes behind"
+
+
+def test_demo_shift_scenario_marks_the_shift_raises_drift_and_measures_the_new_traffic(tmp_path: Path, shared_data: Path) -> None:
+    """`broadfast demo --shift-to`: Home Depot traffic, then CrowdFlower; CI-sized (tiny student, short rounds)."""
+    home = tmp_path / "home"
+    summary_path = tmp_path / "summary.json"
+    interval = 15
+    # a window that the CI-sized traffic fills within a round
+    env = demo_env(home, shared_data, BROADFAST_ONLINE_VAL_PAIRS="80", BROADFAST_MONITOR_INTERVAL_S=str(interval), BROADFAST_MONITOR_CURRENT_ROWS="300")
+    cli = Path(sys.executable).parent / "broadfast"
+    proc = subprocess.run(
+        [str(cli), "demo", "--duration", "120", "--rate", "4", "--teacher", "oracle", "--student", "tiny", "--bootstrap-pairs", "64",
+         "--shift-to", str(shared_data / "crowdflower" / "dev.parquet"), "--shift-after", "50", "--no-live", "--summary", str(summary_path)],
+        env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, f"demo failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    summary = json.loads(summary_path.read_text())
+    shift = summary["shift"]
+    assert shift["simulated"] is True and shift["ts"] is not None and shift["to"].endswith("crowdflower/dev.parquet")
+    assert summary["failed_requests"] == 0 and summary["events_lost"] == 0
+    # the oracle answered from both data sets
+    assert any("homedepot/dev.parquet+crowdflower/dev.parquet" in t for t in summary["quality"]["teacher_ids"])
+    # detection: a drift alert after the shift, after two drifted rounds in a row, naming input columns
+    alert = shift["drift_alert"]
+    assert alert is not None, f"no drift alert after the shift; alerts: {summary['alerts']}"
+    assert 0 <= alert["delay_s"] <= 3 * interval + 30 and alert["rounds_in_a_row"] == 2
+    assert set(alert["drifted_columns"]) - set(MODEL_COLUMNS), f"only model columns drifted: {alert['drifted_columns']}"
+    # quality on the new traffic's held-out queries, before and after, on the same pairs
+    q = shift["quality_on_new_traffic"]
+    assert q["pairs"] > 0 and q["at_shift"] is not None and q["last"] is not None
+    assert all(isinstance(q[r]["spearman"], float) for r in ("at_shift", "last"))
+    assert shift["spearman_gain"] == pytest.approx(q["last"]["spearman"] - q["at_shift"]["spearman"], abs=1e-3)
+    assert "traffic shift (simulated)" in proc.stdout and "quality on the new traffic" in proc.stdout
     assert processes_with_home(home) == [], "the demo left processes behind"

@@ -30,6 +30,7 @@ from monitoring.ab import compare
 from monitoring.dashboards import PANELS
 from monitoring.drift import drift_report
 from monitoring.simulate import noisy_oracle, shuffled, simulate_ab
+from monitoring.loop import loop_report
 from monitoring.window import window_from_pairs
 from monitoring.workspace import (
     AB_PROJECT,
@@ -170,6 +171,8 @@ def test_dashboards_show_their_panels_with_data(tmp_path: Path, artifacts: Path,
         time.sleep(1.0)
         result = drift_report(reference, with_hard_cases(window_from_pairs(scored(current, i + 2)), 0.1 + 0.05 * i, i + 2), settings, name=f"ui test drift {i}")
         save_snapshot(settings, DRIFT_PROJECT, result.snapshot)
+        figures = {"labels_per_min": 200.0 + 10 * i, "hard_cases_per_min": 240.0, "hard_case_rate": 0.1, "val_spearman": 0.1 + 0.05 * i, "val_ndcg_at_10": 0.9, "stream_spearman": 0.2}
+        save_snapshot(settings, DRIFT_PROJECT, loop_report(figures, f"v000{i + 1}"))
     exp = Experiment("exp-ui", "v-champ", "v-chall", 0.5, "salt", "running", 0.0)
     for seed in (1, 2):
         time.sleep(1.0)

@@ -12,10 +12,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from broadfast.errors import BroadfastError
 from broadfast.settings import Settings
 from streams import events as ev
 from streams.datasets import load_pairs
-from streams.replay import ClickModel, HttpScorer, Replayer, plan_requests
+from streams.replay import ClickModel, HttpScorer, Replayer, plan_requests, shifted
 from tests.conftest import read_topic
 from tests.streams.test_stack import parse_exports, run_cli, stack_pids
 
@@ -175,3 +176,48 @@ def test_replay_500_requests_through_the_cli(tmp_path: Path, shared_data: Path) 
     finally:
         run_cli(tmp_path, "stack", "down")
     assert all(not psutil.pid_exists(p) or psutil.Process(p).status() == psutil.STATUS_ZOMBIE for p in pids.values())
+
+
+def test_shifted_plan_switches_once_after_the_requests_or_the_seconds() -> None:
+    old = tiny_pairs()
+    new = tiny_pairs().assign(query=lambda d: "new " + d["query"], product_id=lambda d: "n" + d["product_id"])
+    marks: list[float] = []
+    plan = shifted(plan_requests(old, limit=None, seed=1), plan_requests(new, limit=None, seed=1), after_requests=7, on_shift=marks.append)
+    got = [next(plan) for _ in range(20)]
+    assert [p.request.query.startswith("new ") for p in got] == [False] * 7 + [True] * 13
+    assert len(marks) == 1 and len({p.request.request_id for p in got}) == 20
+    assert all(ad.ad_id.startswith("n") for p in got[7:] for ad in p.request.ads)
+    timed = shifted(plan_requests(old, limit=None, seed=1), plan_requests(new, limit=None, seed=1), after_s=0.0)
+    assert next(timed).request.query.startswith("new ")  # no time left for the old traffic
+    with pytest.raises(BroadfastError):
+        next(shifted(iter([]), iter([])))
+
+
+def test_replay_shifts_to_another_data_set_through_the_cli(tmp_path: Path, shared_data: Path) -> None:
+    import os
+    import subprocess
+
+    from tests.streams.test_stack import CLI
+
+    up = run_cli(tmp_path, "stack", "up")
+    env = parse_exports(up.stdout)
+    try:
+        hd, cf = shared_data / "homedepot" / "dev.parquet", shared_data / "crowdflower" / "dev.parquet"
+        proc = subprocess.run(
+            [CLI, "replay", "--data", str(hd), "--limit", "90", "--seed", "3", "--shift-to", str(cf), "--shift-after", "40"],
+            capture_output=True, text=True, timeout=300,
+            env={k: v for k, v in os.environ.items() if not k.startswith("BROADFAST_")} | env | {"BROADFAST_HOME": str(tmp_path)},
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        assert "replayed 90 requests" in proc.stdout and "shifts to" in proc.stderr
+        settings = Settings(kafka_bootstrap=env["BROADFAST_KAFKA_BOOTSTRAP"], kafka_flavor="tansu")
+        requests = sorted((ev.decode("requests", r.value) for r in read_topic(settings, "requests", expect=90)), key=lambda r: r.ts)
+        hd_pairs = set(zip(*load_pairs(hd)[["query", "product_id"]].to_numpy().T))
+        cf_pairs = set(zip(*load_pairs(cf)[["query", "product_id"]].to_numpy().T))
+        source = ["hd" if all((r.query, a.ad_id) in hd_pairs for a in r.ads) else "cf" if all((r.query, a.ad_id) in cf_pairs for a in r.ads) else "?" for r in requests]
+        assert source == ["hd"] * 40 + ["cf"] * 50
+        bad = subprocess.run([CLI, "replay", "--data", str(hd), "--limit", "5", "--shift-after", "2"], capture_output=True, text=True, timeout=60,
+                             env={k: v for k, v in os.environ.items() if not k.startswith("BROADFAST_")} | env | {"BROADFAST_HOME": str(tmp_path)})  # fmt: skip
+        assert bad.returncode == 2 and "--shift-after needs --shift-to" in bad.stderr
+    finally:
+        run_cli(tmp_path, "stack", "down")

@@ -94,3 +94,21 @@ def test_the_event_carries_grade_confidence_and_mass():
 def test_from_file_on_the_real_data_names_the_file(shared_data):
     t = OracleTeacher.from_file(shared_data / "crowdflower" / "dev.parquet")
     assert t.teacher_id == "oracle:human-relevance(crowdflower/dev.parquet)" and t.scale == (1.0, 4.0)
+
+
+def test_an_oracle_over_two_files_answers_each_on_its_own_scale(shared_data):
+    """A shift of traffic: the oracle answers pairs of both data sets, each file's relevance on its own scale."""
+    from types import SimpleNamespace
+
+    hd, cf = shared_data / "homedepot" / "dev.parquet", shared_data / "crowdflower" / "dev.parquet"
+    both = OracleTeacher.from_settings(SimpleNamespace(teacher_oracle_data=f"{hd},{cf}", data=None, teacher_oracle_smoothing=0.0))
+    assert both.teacher_id == "oracle:human-relevance(homedepot/dev.parquet+crowdflower/dev.parquet)"
+    for path in (hd, cf):
+        alone = OracleTeacher.from_file(path, smoothing=0.0)
+        row = pd.read_parquet(path).iloc[3]
+        p = pair(row["query"], str(row["product_id"]))
+        got, want = both.label([p])[0], alone.label([p])[0]
+        assert isinstance(got, Label) and got.probs == pytest.approx(want.probs) and got.grade == want.grade
+    assert isinstance(both.label([pair("no such query", "no-such-ad")])[0], LabelFailure)
+    one = OracleTeacher.from_settings(SimpleNamespace(teacher_oracle_data=None, data=hd, teacher_oracle_smoothing=0.0))
+    assert one.teacher_id == "oracle:human-relevance(homedepot/dev.parquet)"

@@ -12,9 +12,10 @@ import pytest
 from broadfast.settings import Settings
 from streams import events as ev
 from streams.bus import EventBus
+from streams.datasets import load_pairs
 from tests.conftest import read_topic
 from training.learner import LabelRow, ReplayBuffer
-from training.online import is_held_out, run_online, validation_slice
+from training.online import is_held_out, run_online, validation_frame, validation_slice
 
 
 def row(i: int) -> LabelRow:
@@ -78,6 +79,19 @@ def test_validation_slice_is_whole_held_out_queries(tmp_path: Path) -> None:
     val = validation_slice(df, 0.5, max_pairs=40)
     assert 0 < len(val) <= 40 and len(val) % 5 == 0
     assert all(is_held_out(q, 0.5) for q in val["query"])
+
+
+def test_a_validation_slice_over_two_data_sets_pools_their_held_out_queries_on_one_scale(shared_data: Path) -> None:
+    hd, cf = shared_data / "homedepot" / "dev.parquet", shared_data / "crowdflower" / "dev.parquet"
+    val = validation_frame([hd, cf], 0.2, 400)
+    hd_q, cf_q = set(pd.read_parquet(hd)["query"]), set(pd.read_parquet(cf)["query"])
+    assert val["query"].isin(hd_q).any() and val["query"].isin(cf_q).any() and len(val) <= 400 + 200  # whole queries: may pass each half a little
+    assert all(is_held_out(q, 0.2) for q in val["query"])
+    for queries in (hd_q, cf_q):  # each file's relevance rescaled onto 1-3, its order kept
+        part = val[val["query"].isin(queries)]
+        assert part["relevance"].min() == pytest.approx(1.0) and part["relevance"].max() == pytest.approx(3.0)
+    alone = validation_frame([hd], 0.2, 400)
+    pd.testing.assert_frame_equal(alone, validation_slice(load_pairs(hd, require_grade=True), 0.2, 400))
 
 
 def labels_for(data: Path, start: int, n: int) -> list[ev.TeacherLabel]:

@@ -116,8 +116,22 @@ class OracleTeacher:
         return cls.from_frame(df, source=f"{path.parent.name}/{path.name}", smoothing=smoothing)
 
     @classmethod
+    def from_files(cls, paths: Sequence[Path], smoothing: float = 0.1) -> OracleTeacher:
+        """One oracle over several files (e.g. the two data sets of a shift): each file's soft labels on its own
+        relevance scale; a pair graded in more than one file takes the later file's label."""
+        oracles = [cls.from_file(p, smoothing=smoothing) for p in paths]
+        if len(oracles) == 1:
+            return oracles[0]
+        kinds = {o.kind for o in oracles}
+        targets = {k: v for o in oracles for k, v in o.targets.items()}
+        grades = {k: v for o in oracles for k, v in o.grades.items()}
+        return cls(targets, grades, "+".join(o.source for o in oracles), smoothing, kinds.pop() if len(kinds) == 1 else "grades-and-relevance", None)
+
+    @classmethod
     def from_settings(cls, settings: Any) -> OracleTeacher:
-        return cls.from_file(settings.teacher_oracle_data or settings.data, smoothing=settings.teacher_oracle_smoothing)
+        """From ``teacher_oracle_data`` (one file or several, comma-separated), else ``data``."""
+        paths = [Path(p.strip()).expanduser() for p in str(settings.teacher_oracle_data or settings.data).split(",") if p.strip()]
+        return cls.from_files(paths, smoothing=settings.teacher_oracle_smoothing)
 
     def label(self, pairs: Sequence[Pair]) -> list[Result]:
         from streams.events import normalize_query
