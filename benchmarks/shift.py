@@ -61,8 +61,8 @@ def main() -> None:
         alert = shift.get("drift_alert") or {}
 
         def fig(role: str) -> str:
-            v = q.get(role)
-            return "—" if not v else f"{v['version']} {v['spearman']:.3f} / {v['ndcg@10']:.3f}"
+            v = (q or {}).get(role)
+            return "—" if not v else f"{v['version']} " + " / ".join("—" if v[k] is None else f"{v[k]:.3f}" for k in ("spearman", "ndcg@10"))
 
         gain = shift.get("spearman_gain")
         gains += [gain] if gain is not None else []

@@ -17,6 +17,7 @@ simulation of a change in traffic, named as one wherever a user sees it. For the
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,18 +50,23 @@ class Shift:
         return f"{self.source.parent.name}/{self.source.name} → {self.target.parent.name}/{self.target.name}"
 
 
-def first_drift_alert(tally: Tally, since: float) -> Any | None:
-    """The first drift alert raised at or after ``since`` (wall-clock seconds)."""
+def first_drift_alert(tally: Tally, since: float, interval_s: float) -> Any | None:
+    """The first drift alert whose streak of drifted rounds began after ``since`` (wall-clock seconds): an alert
+    raised after a shift by rounds that drifted before it is not the shift's. ``interval_s``: the monitor's rounds."""
+
+    def streak_began(alert: Any) -> float:
+        return alert.ts - (int((alert.details or {}).get("rounds_in_a_row") or 1) - 1) * interval_s
+
     with tally.lock:
-        return next((a for a in sorted(tally.alerts, key=lambda a: a.ts) if a.kind == "drift" and a.ts >= since), None)
+        return next((a for a in sorted(tally.alerts, key=lambda a: a.ts) if a.kind == "drift" and streak_began(a) > since), None)
 
 
-def shift_line(shift: Shift, tally: Tally, started_wall: float) -> str:
+def shift_line(shift: Shift, tally: Tally, started_wall: float, interval_s: float) -> str:
     """The live view's line: when the traffic shifted, and the drift alert that followed."""
     if shift.ts is None:
         return f"{shift.label()} at {shift.after_s:.0f} s (simulated shift; not yet)"
     line = f"{shift.label()} at {shift.ts - started_wall:.0f} s (simulated shift)"
-    alert = first_drift_alert(tally, shift.ts)
+    alert = first_drift_alert(tally, shift.ts, interval_s)
     if alert is None:
         return line + f"; no drift alert yet ({time.time() - shift.ts:.0f} s since)"
     columns = ", ".join((alert.details or {}).get("drifted_columns") or []) or "?"
@@ -81,18 +87,25 @@ def shift_summary(settings: Any, shift: Shift, tally: Tally) -> dict[str, Any]:
     out: dict[str, Any] = {"from": str(shift.source), "to": str(shift.target), "after_s": shift.after_s, "ts": shift.ts, "simulated": True}
     if shift.ts is None:
         return out | {"note": "the run ended before the shift"}
-    alert = first_drift_alert(tally, shift.ts)
+    alert = first_drift_alert(tally, shift.ts, settings.monitor_interval_s)
     out["drift_alert"] = None if alert is None else {
         "delay_s": round(alert.ts - shift.ts, 1), "drifted_columns": (alert.details or {}).get("drifted_columns"),
         "rounds_in_a_row": (alert.details or {}).get("rounds_in_a_row"), "monitor_interval_s": settings.monitor_interval_s,
     }  # fmt: skip
     at_shift, first_after, last = served_at(tally, shift.ts)
-    out["quality_on_new_traffic"] = measure_versions(settings, shift.target, {"at_shift": at_shift, "first_after_shift": first_after, "last": last})
-    q = out["quality_on_new_traffic"]
-    if q.get("at_shift") and q.get("last"):
-        out["spearman_gain"] = round(q["last"]["spearman"] - q["at_shift"]["spearman"], 4)
-    if q.get("first_after_shift") and q.get("last"):
-        out["spearman_gain_since_first_after"] = round(q["last"]["spearman"] - q["first_after_shift"]["spearman"], 4)
+    try:
+        q = measure_versions(settings, shift.target, {"at_shift": at_shift, "first_after_shift": first_after, "last": last})
+    except Exception as exc:  # noqa: BLE001 - the rest of the summary must survive a version that cannot be measured
+        log.error("could not measure the served versions on the new traffic: %s", exc)
+        return out | {"quality_on_new_traffic": None, "error": f"{type(exc).__name__}: {exc}"}
+    out["quality_on_new_traffic"] = q
+
+    def gain(a: str, b: str) -> float | None:
+        if not (q.get(a) and q.get(b)) or q[a]["spearman"] is None or q[b]["spearman"] is None:
+            return None
+        return round(q[b]["spearman"] - q[a]["spearman"], 4)
+
+    out["spearman_gain"], out["spearman_gain_since_first_after"] = gain("at_shift", "last"), gain("first_after_shift", "last")
     return out
 
 
@@ -114,7 +127,7 @@ def measure_versions(settings: Any, data: Path, versions: dict[str, str | None])
         if version not in measured:
             student, _ = registry.load(version, device="cpu")
             m = gate.measure(student).metrics
-            measured[version] = {"version": version, "spearman": round(m["spearman"], 4), "ndcg@10": round(m["ndcg@10"], 4)}
+            measured[version] = {"version": version, **{k: round(float(m[k]), 4) if math.isfinite(m.get(k, math.nan)) else None for k in ("spearman", "ndcg@10")}}
         out[role] = measured[version]
     return out
 
@@ -130,7 +143,9 @@ def shift_lines(s: dict[str, Any]) -> list[str]:
 
     def fig(role: str) -> str:
         v = q.get(role)
-        return "—" if not v else f"{v['version']} {v['spearman']:.3f} / {v['ndcg@10']:.3f}"
+        if not v:
+            return "—"
+        return f"{v['version']} " + " / ".join("—" if v[k] is None else f"{v[k]:.3f}" for k in ("spearman", "ndcg@10"))
 
     lines.append(f"quality on the new traffic ({q.get('pairs', 0)} held-out pairs of {q.get('queries', 0)} queries, Spearman / NDCG@10): "
                  f"at the shift {fig('at_shift')} · first after {fig('first_after_shift')} · last {fig('last')}"

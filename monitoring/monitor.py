@@ -110,9 +110,10 @@ class Monitor:
         out = self.out_root / f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(2)}"
         out.mkdir(parents=True, exist_ok=True)
         result = RoundResult(out)
+        taken = time.time()  # the window's time: the loop's per-minute counts end here
         frames = window.frames()
         self._drift(frames, result)
-        self._loop(frames, result)
+        self._loop(frames, result, taken)
         self._ab(frames, result)
         for alert in result.alerts:
             if self.bus is not None:
@@ -186,13 +187,19 @@ class Monitor:
                 )
             )
 
-    def _loop(self, frames: dict[str, pd.DataFrame], result: RoundResult) -> None:
-        """The loop's figures of this round (:mod:`monitoring.loop`), saved for the drift project's dashboard."""
+    def _loop(self, frames: dict[str, pd.DataFrame], result: RoundResult, taken: float) -> None:
+        """The loop's figures of this round (:mod:`monitoring.loop`), saved for the drift project's dashboard.
+        A failure here is a note: it must not cost the round its drift alert or its A/B guardrail."""
         if frames["scored"].empty:
             return
-        version, _ = serving_version(frames["scored"])
-        figures = traffic_figures(frames, self.settings.monitor_interval_s, time.time()) | served_quality(self.settings, version)
-        snapshot_id = save_snapshot(self.settings, DRIFT_PROJECT, loop_report(figures, version))
+        try:
+            version, _ = serving_version(frames["scored"])
+            figures = traffic_figures(frames, self.settings.monitor_interval_s, taken) | served_quality(self.settings, version)
+            snapshot_id = save_snapshot(self.settings, DRIFT_PROJECT, loop_report(figures, version))
+        except Exception as exc:  # noqa: BLE001 - Evidently and the workspace raise many types
+            log.warning("loop figures of this round failed: %s", exc)
+            result.notes.append(f"no loop figures this round: {type(exc).__name__}: {exc}")
+            return
         result.loop = {"model_version": version, **{k: round(v, 6) for k, v in figures.items()}, "snapshot_id": snapshot_id}
 
     def _ab(self, frames: dict[str, pd.DataFrame], result: RoundResult) -> None:

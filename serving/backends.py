@@ -219,7 +219,12 @@ def build(student: Any, folder: Path, name: str, out: Path) -> dict[str, Any]:
     said = [line for line in (proc.stderr or proc.stdout or "").strip().splitlines() if line.strip()]
     if proc.returncode != 0 or not all((out / file).is_file() for file in INT8[name].FILES):
         raise BackendError("convert", f"the converter process for {folder} exited with {proc.returncode}: {' | '.join(said[-3:]) or 'no output'}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    for line in reversed(proc.stdout.strip().splitlines()):  # the child's last word is one JSON line; libraries may print before it
+        try:
+            return dict(json.loads(line))
+        except (ValueError, TypeError):
+            continue
+    raise BackendError("convert", f"the converter process for {folder} said nothing it could be understood by: {' | '.join(said[-3:]) or 'no output'}")
 
 
 def export_and_quantize(student: Any, name: str, out: Path) -> dict[str, Any]:

@@ -4,7 +4,7 @@ A request hands its (query, ad text) pairs and the model it was routed to to
 :meth:`MicroBatcher.submit` and gets a future. The worker takes the first waiting
 request, gathers more for at most ``max_wait_ms`` (or until ``max_batch_pairs``), groups
 them by model, and scores each group with the model's backend (:meth:`LiveModel.predict_proba`:
-PyTorch or ONNX Runtime int8, see :mod:`serving.backends`), which tokenises once and sorts
+PyTorch, or int8 by OpenVINO or ONNX Runtime, see :mod:`serving.backends`), which tokenises once and sorts
 the pairs by length (length buckets of ``forward_batch`` pairs, so little padding).
 Each request keeps the model object it was routed with, so a swap never changes the
 model of a request already in flight.

@@ -147,7 +147,7 @@ def load_version(registry: Any, version: str, settings: Any, expected_sha256: st
 
 
 def attach_backend(model: LiveModel, folder: Path, settings: Any) -> None:
-    """Build the backend ``BROADFAST_SERVE_BACKEND`` names (onnx-int8: converted once, cached, checked
+    """Build the backend ``BROADFAST_SERVE_BACKEND`` names (an int8 one: converted once, cached, checked
     against PyTorch); a failure refuses the version at the ``convert`` or ``backend`` check."""
     from serving.backends import load_backend
     from serving.errors import BackendError

@@ -33,7 +33,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -147,7 +147,8 @@ def shifted(
     if on_shift is not None:
         on_shift(time.time())
     log.info("traffic shifted after %d requests (%.0f s)", n, time.monotonic() - started)
-    yield from second
+    for i, item in enumerate(second):  # numbered on from the first plan: clicks are drawn by (seed, index)
+        yield replace(item, index=n + i)
 
 
 @dataclass

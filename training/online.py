@@ -101,11 +101,12 @@ def validation_frame(paths: Sequence[Path], share: float, max_pairs: int) -> pd.
         return validation_slice(load_pairs(paths[0], require_grade=True), share, max_pairs)
     parts = []
     for path in paths:
-        part = validation_slice(load_pairs(path, require_grade=True), share, max(10, max_pairs // len(paths)))
-        if "relevance" in part.columns:
-            low, high = float(part["relevance"].min()), float(part["relevance"].max())
-            part = part.assign(relevance=1.0 + 2.0 * (part["relevance"] - low) / (high - low) if high > low else 2.0)
-        parts.append(part)
+        df = load_pairs(path, require_grade=True)
+        if "relevance" not in df.columns or not np.isfinite(df["relevance"].to_numpy(dtype=float)).any():
+            raise ValueError(f"{path} has no relevance judgements to pool with the other validation files")
+        low, high = float(df["relevance"].min()), float(df["relevance"].max())  # the file's own scale, as the oracle reads it
+        part = validation_slice(df, share, max(1, max_pairs // len(paths)))
+        parts.append(part.assign(relevance=1.0 + 2.0 * (part["relevance"] - low) / (high - low) if high > low else 2.0))
     return pd.concat(parts, ignore_index=True)
 
 

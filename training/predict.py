@@ -2,7 +2,7 @@
 
 Added columns: ``score`` (P(exact) + ½·P(partial)), ``p_irrelevant``, ``p_partial``,
 ``p_exact``. Pairs are tokenised once and scored in length-sorted batches, by the inference
-backend ``BROADFAST_SERVE_BACKEND`` names (:mod:`serving.backends`: PyTorch, or ONNX Runtime int8
+backend ``BROADFAST_SERVE_BACKEND`` names (:mod:`serving.backends`: PyTorch, or int8 by OpenVINO or ONNX Runtime,
 converted once, cached next to the model and checked against PyTorch).
 
 >>> out = predict_frame(load_student("model/"), load_pairs("dev.parquet"))   # doctest: +SKIP

@@ -186,6 +186,7 @@ def test_shifted_plan_switches_once_after_the_requests_or_the_seconds() -> None:
     got = [next(plan) for _ in range(20)]
     assert [p.request.query.startswith("new ") for p in got] == [False] * 7 + [True] * 13
     assert len(marks) == 1 and len({p.request.request_id for p in got}) == 20
+    assert [p.index for p in got] == list(range(20))  # numbered on: clicks are drawn by (seed, index), so no draw repeats
     assert all(ad.ad_id.startswith("n") for p in got[7:] for ad in p.request.ads)
     timed = shifted(plan_requests(old, limit=None, seed=1), plan_requests(new, limit=None, seed=1), after_s=0.0)
     assert next(timed).request.query.startswith("new ")  # no time left for the old traffic

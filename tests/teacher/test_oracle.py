@@ -10,6 +10,7 @@ import pytest
 from streams.events import pair_id
 from training.teacher.labels import to_event
 from training.teacher.mpcot import Label, LabelFailure, Pair
+from training.teacher.errors import TeacherError
 from training.teacher.oracle import OracleTeacher
 
 
@@ -112,3 +113,5 @@ def test_an_oracle_over_two_files_answers_each_on_its_own_scale(shared_data):
     assert isinstance(both.label([pair("no such query", "no-such-ad")])[0], LabelFailure)
     one = OracleTeacher.from_settings(SimpleNamespace(teacher_oracle_data=None, data=hd, teacher_oracle_smoothing=0.0))
     assert one.teacher_id == "oracle:human-relevance(homedepot/dev.parquet)"
+    with pytest.raises(TeacherError, match="at least one file"):
+        OracleTeacher.from_settings(SimpleNamespace(teacher_oracle_data=",", data=None, teacher_oracle_smoothing=0.0))

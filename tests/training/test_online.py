@@ -87,9 +87,12 @@ def test_a_validation_slice_over_two_data_sets_pools_their_held_out_queries_on_o
     hd_q, cf_q = set(pd.read_parquet(hd)["query"]), set(pd.read_parquet(cf)["query"])
     assert val["query"].isin(hd_q).any() and val["query"].isin(cf_q).any() and len(val) <= 400 + 200  # whole queries: may pass each half a little
     assert all(is_held_out(q, 0.2) for q in val["query"])
-    for queries in (hd_q, cf_q):  # each file's relevance rescaled onto 1-3, its order kept
-        part = val[val["query"].isin(queries)]
-        assert part["relevance"].min() == pytest.approx(1.0) and part["relevance"].max() == pytest.approx(3.0)
+    for path, queries in ((hd, hd_q), (cf, cf_q)):  # each file's relevance rescaled from the file's own scale onto 1-3
+        df = load_pairs(path, require_grade=True)
+        low, high = df["relevance"].min(), df["relevance"].max()
+        part = val[val["query"].isin(queries)].merge(df[["query", "product_id", "relevance"]].drop_duplicates(["query", "product_id"]), on=["query", "product_id"], suffixes=("", "_file"))
+        assert len(part) and np.allclose(part["relevance"], 1.0 + 2.0 * (part["relevance_file"] - low) / (high - low))
+        assert part["relevance"].between(1.0, 3.0).all()
     alone = validation_frame([hd], 0.2, 400)
     pd.testing.assert_frame_equal(alone, validation_slice(load_pairs(hd, require_grade=True), 0.2, 400))
 

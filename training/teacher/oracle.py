@@ -47,6 +47,7 @@ from typing import Any
 import numpy as np
 
 from streams.events import GRADES
+from training.teacher.errors import TeacherError
 from training.teacher.mpcot import (
     Label,
     LabelFailure,
@@ -120,6 +121,8 @@ class OracleTeacher:
         """One oracle over several files (e.g. the two data sets of a shift): each file's soft labels on its own
         relevance scale; a pair graded in more than one file takes the later file's label."""
         oracles = [cls.from_file(p, smoothing=smoothing) for p in paths]
+        if not oracles:
+            raise TeacherError("the oracle needs at least one file of human-graded pairs (BROADFAST_TEACHER_ORACLE_DATA or BROADFAST_DATA)")
         if len(oracles) == 1:
             return oracles[0]
         kinds = {o.kind for o in oracles}
