@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -52,11 +53,17 @@ def main() -> None:
     parser.add_argument("--shift-after", type=float, default=180.0, help="Seconds of Home Depot traffic before the switch.")
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "homedepot" / "dev.parquet")
     parser.add_argument("--shift-to", type=Path, default=REPO.parent / "shared" / "data" / "crowdflower" / "train.parquet")
+    parser.add_argument("--keep", type=Path, default=Path(tempfile.gettempdir()) / "broadfast-shift-runs",
+                        help="Each run's summary and component logs are copied here (seed-N/), to read a run that went wrong.")
     args = parser.parse_args()
     rows, gains, delays = [], [], []
     for seed in [int(s) for s in args.seeds.split(",")]:
         with tempfile.TemporaryDirectory(prefix="broadfast-shift-") as tmp:
             s = run_demo(seed, args, Path(tmp))
+            kept = args.keep / f"seed-{seed}"
+            shutil.rmtree(kept, ignore_errors=True)
+            shutil.copytree(Path(tmp) / "demo" / "logs", kept / "logs")
+            shutil.copy(Path(tmp) / "summary.json", kept / "summary.json")
         shift, q = s["shift"], s["shift"]["quality_on_new_traffic"]
         alert = shift.get("drift_alert") or {}
 
