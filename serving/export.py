@@ -90,3 +90,31 @@ def score_runs(student: Any, queries: list[str], texts: list[str], rows_per_run:
         idx = order[start : start + rows_per_run]
         out[idx] = softmax_rows(run(pad_feeds([ids[i] for i in idx], [types[i] for i in idx], pad)))
     return out
+
+
+class Int8Backend:
+    """What the two int8 backends share: the student whose tokenizer feeds the graph (and the PyTorch reference it
+    is checked against), the converted file and its meta, threads, pairs per run. A subclass opens its runtime in
+    ``__init__`` and runs one padded batch in :meth:`run`."""
+
+    name = ""
+    runtime = ""  # the meta key naming the runtime's version
+
+    def __init__(self, student: Any, path: Path, threads: int, meta: dict[str, Any], rows_per_run: int) -> None:
+        self.student = student
+        self.path = path
+        self.meta = meta
+        self.check: dict[str, Any] = {}
+        self.threads = threads
+        self.rows_per_run = rows_per_run
+
+    def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        raise NotImplementedError
+
+    def predict_proba(self, queries: list[str], texts: list[str], batch_size: int = 64) -> np.ndarray:
+        """Grade probabilities (n, 3), in input order; ``rows_per_run`` length-sorted pairs per run
+        (``batch_size`` is the PyTorch path's and does not apply)."""
+        return score_runs(self.student, queries, texts, self.rows_per_run, self.run)
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "threads": self.threads, "rows_per_run": self.rows_per_run, self.runtime: self.meta.get(self.runtime), "converted_at": self.meta.get("converted_at"), "check": self.check}

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from serving.export import OPSET, score_runs
+from serving.export import OPSET, Int8Backend
 
 NAME = "onnx-int8"
 CACHE_DIR = "onnx-int8"
@@ -65,30 +65,23 @@ class _QuantizerChatter(logging.Filter):
         return not ("onnxruntime" in record.pathname and "quantization" in record.pathname and record.levelno <= logging.WARNING)
 
 
-class OnnxInt8Backend:
+class OnnxInt8Backend(Int8Backend):
     """An ONNX Runtime session over the int8 model; the student's tokenizer feeds it."""
 
     name = NAME
+    runtime = "onnxruntime"
 
     def __init__(self, student: Any, path: Path, threads: int, meta: dict[str, Any], rows_per_run: int = ROWS_PER_RUN) -> None:
         import onnxruntime as ort
 
-        self.student = student  # its tokenizer and config (and the PyTorch reference it was checked against)
-        self.path = path
-        self.meta = meta
-        self.check: dict[str, Any] = {}
+        super().__init__(student, path, threads, meta, rows_per_run)
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        self.threads = threads
-        self.rows_per_run = rows_per_run
 
-    def predict_proba(self, queries: list[str], texts: list[str], batch_size: int = 64) -> np.ndarray:
-        """Grade probabilities (n, 3), in input order; ``rows_per_run`` length-sorted pairs per run
-        (``batch_size`` is the PyTorch path's and does not apply)."""
-        return score_runs(self.student, queries, texts, self.rows_per_run, lambda feeds: self.session.run(None, feeds)[0])
+    def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        return self.session.run(None, feeds)[0]
 
-    def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "threads": self.threads, "rows_per_run": self.rows_per_run, "onnxruntime": self.meta.get("onnxruntime"), "converted_at": self.meta.get("converted_at"), "check": self.check}
+
 BACKEND = OnnxInt8Backend

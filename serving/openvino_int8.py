@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from serving.export import OPSET, pad_feeds, score_runs
+from serving.export import OPSET, Int8Backend, pad_feeds, score_runs
 from serving.models import PROBE_PAIRS
 
 NAME = "openvino-int8"
@@ -83,29 +83,22 @@ def quantize(fp32: Path, out: Path, student: Any) -> dict[str, Any]:
     return {"quantization": "static int8 (NNCF, model_type TRANSFORMER)", "calibration_pairs": len(pairs)}
 
 
-class OpenVinoInt8Backend:
+class OpenVinoInt8Backend(Int8Backend):
     """An OpenVINO compiled model over the int8 graph; the student's tokenizer feeds it."""
 
     name = NAME
+    runtime = "openvino"
 
     def __init__(self, student: Any, path: Path, threads: int, meta: dict[str, Any], rows_per_run: int = ROWS_PER_RUN) -> None:
         import openvino as ov
 
-        self.student = student  # its tokenizer and config (and the PyTorch reference it was checked against)
-        self.path = path
-        self.meta = meta
-        self.check: dict[str, Any] = {}
+        super().__init__(student, path, threads, meta, rows_per_run)
         config = {"INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
         self.compiled = ov.Core().compile_model(str(path), "CPU", config)
-        self.threads = threads
-        self.rows_per_run = rows_per_run
 
     def predict_proba(self, queries: list[str], texts: list[str], batch_size: int = 64) -> np.ndarray:
-        """Grade probabilities (n, 3), in input order; ``rows_per_run`` length-sorted pairs per run
-        (``batch_size`` is the PyTorch path's and does not apply)."""
         request = self.compiled.create_infer_request()  # one per call: callers may score from several threads
         return score_runs(self.student, queries, texts, self.rows_per_run, lambda feeds: request.infer(feeds)[0])
 
-    def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "threads": self.threads, "rows_per_run": self.rows_per_run, "openvino": self.meta.get("openvino"), "converted_at": self.meta.get("converted_at"), "check": self.check}
+
 BACKEND = OpenVinoInt8Backend
