@@ -206,12 +206,14 @@ class Demo:
 
     # Demo defaults a user can override with the variable:
     # - publish at most every 10 s: a label waits for the next publish, so this bounds freshness;
-    # - admit at most 4 hard cases/s: on this 2-core machine the trainer (one core, two passes a
-    #   label, a quarter of each batch replayed) absorbs about that many; a faster teacher (the
-    #   oracle answers at once) would otherwise only lengthen its queue;
+    # - admit at most 8 hard cases/s: on this 2-core machine the 3-layer student's trainer (one core,
+    #   two passes a label, a quarter of each batch replayed) keeps up with that many (rounds of ~32
+    #   labels, ~2 s of training each); the oracle answers at once, so a higher rate would only queue
+    #   labels in front of the trainer. At 4/s a 5-minute demo gave the trainer 1,212 labels and
+    #   its student +0.089 Spearman; at 8/s 2,400 labels and +0.261 (docs/demo.md);
     # - a monitoring round a minute.
     # The online learner keeps its own defaults (benchmarks/online.py).
-    DEMO_DEFAULTS: dict[str, Any] = {"online_publish_every_s": 10.0, "stream_budget_max_per_s": 4.0, "monitor_interval_s": 60.0}
+    DEMO_DEFAULTS: dict[str, Any] = {"online_publish_every_s": 10.0, "stream_budget_max_per_s": 8.0, "monitor_interval_s": 60.0}
 
     def _env(self, stack_env: dict[str, str], **extra: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("BROADFAST_")}
