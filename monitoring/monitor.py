@@ -60,6 +60,7 @@ from streams.events import Alert, finite_or_null, now
 
 log = logging.getLogger(__name__)
 
+CAUGHT_UP_S = 5.0  # a consumed event this recent means the monitor has caught up with the stream: a due round runs
 MIN_REFERENCE_ROWS = 300  # rows a first window needs to become a reference
 REFERENCE_COLUMNS = {"request_id", "ts", "query", "title", "score", "label", "hard_case", "model_version"}  # + p_*, f_*
 
@@ -74,6 +75,12 @@ def compare_traffic(settings: Settings, reference: pd.DataFrame, current: pd.Dat
         why = f"model version {version} has no reference window yet (its first rows become one): a version is compared only with itself"
         return drift_report(reference, current, settings, untested={c: why for c in MODEL_COLUMNS}, name=name, metadata=meta)
     return drift_report(reference, current, settings, model_reference=own, model_current=mine, name=name, metadata=meta)
+
+
+def caught_up(event: Any, now_s: float | None = None) -> bool:
+    """Whether ``event`` is recent (within :data:`CAUGHT_UP_S`): the consumer has no backlog worth waiting for."""
+    ts = getattr(event, "ts", None)
+    return ts is not None and (now_s if now_s is not None else time.time()) - float(ts) <= CAUGHT_UP_S
 
 
 @dataclass
@@ -258,9 +265,10 @@ class Monitor:
                 if stop is not None and stop.is_set():
                     break
                 t = time.monotonic()
-                # A round runs once due, when the backlog is drained (an idle poll) or a
-                # whole interval late (traffic that never pauses).
-                if t < next_round or (delivery is not None and t < next_round + self.settings.monitor_interval_s):
+                # A round runs once due and caught up: an idle poll, or an event from the last
+                # CAUGHT_UP_S seconds (traffic that never pauses never gives an idle poll; waiting
+                # for one made every round a whole interval late) — else a whole interval late.
+                if t < next_round or (delivery is not None and not caught_up(delivery.event) and t < next_round + self.settings.monitor_interval_s):
                     continue
                 if not len(window) and not len(window.clicks):
                     log.info("monitor: no traffic yet on %s; next round in %g s", self.settings.topic("scored"), self.settings.monitor_interval_s)

@@ -159,3 +159,39 @@ def scored_rows(window: TrafficWindow) -> list[dict]:
 
     n = len(SCORED_FIELDS)
     return [dict(zip(SCORED_FIELDS, r[:n])) | {"grade_probs": r[n]} for r in window.scored]
+
+
+def test_rounds_keep_their_interval_under_traffic_that_never_pauses(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A live stream gives no idle poll: a due round must still run once the monitor has caught up
+    (it used to wait a whole extra interval, so 60 s rounds came every 120 s and alerts late)."""
+    from types import SimpleNamespace
+
+    from kafka import TopicPartition
+
+    import monitoring.monitor as mon
+    from monitoring.monitor import RoundResult
+    from streams.events import Scored, encode
+
+    clock = {"t": 0.0}  # monotonic and wall seconds, one per poll
+    monkeypatch.setattr(mon.time, "monotonic", lambda: clock["t"])
+    monkeypatch.setattr(mon.time, "time", lambda: 1.7e9 + clock["t"])
+    topic = settings.topic("scored")
+
+    class LiveConsumer:  # a record on every poll, stamped now: never idle, never behind
+        def poll(self, timeout_ms: int, max_records: int) -> dict:
+            clock["t"] += 1.0
+            event = Scored(request_id=f"r{clock['t']:.0f}", ts=1.7e9 + clock["t"], query="drill", ad_id="a1", ad_title="drill bit", position=0, score=0.5,
+                           grade_probs=(0.2, 0.3, 0.5), model_version="v1", latency_ms=5.0)  # fmt: skip
+            return {TopicPartition(topic, 0): [SimpleNamespace(value=encode(event), partition=0, offset=int(clock["t"]), key=b"drill")]}
+
+        def commit(self, *args, **kwargs) -> None: ...
+
+        def close(self) -> None: ...
+
+    started: list[float] = []
+    monkeypatch.setattr(Monitor, "run_round", lambda self, window: started.append(clock["t"]) or RoundResult(out_dir=Path(".")))
+    settings = settings.model_copy(update={"monitor_interval_s": 10.0})
+    Monitor(settings).run(rounds=3, consumer=LiveConsumer(), deadletters=SimpleNamespace(send=lambda *a, **k: None))
+    assert len(started) == 3
+    gaps = np.diff([0.0, *started])
+    assert (gaps <= 11.0).all(), f"rounds at {started}: each should come one interval (10 s) after the last"
