@@ -218,7 +218,7 @@ class Settings(BaseSettings):
     )
     online_gate_tolerance: float = Field(default=0.03, ge=0, description="Online trainer: publish when the candidate is at least the best champion's score minus this (so publishes never slide further).")
     online_gate_resamples: int = Field(default=400, ge=0, description="Online trainer: bootstrap resamples of the validation queries for the interval each gate verdict reports.")
-    online_revert_after_refusals: int = Field(default=3, ge=1, description="Online trainer: refused candidates in a row after which training goes back to the champion's weights (1: at once; until then the refused candidate keeps training, to recover within the slice's noise).")
+    online_revert_after_refusals: int = Field(default=8, ge=1, description="Online trainer: refused candidates in a row after which training goes back to the champion's weights (1: at once; until then the refused candidate keeps training, to recover within the slice's noise).")
     online_publish_every_s: float = Field(default=15.0, ge=0, description="Online trainer: shortest time between two published versions.")
 
     # -- process -----------------------------------------------------------------------
