@@ -116,14 +116,17 @@ def drift_report(
     tested = numerical + categorical
     if not tested:
         raise WindowError("no column can be compared between the two windows")
-    ref, cur = ref[tested], cur[tested]
-    definition = DataDefinition(numerical_columns=numerical, categorical_columns=categorical)
+    # an untested model column still gets its current mean (a version too new for its own reference still
+    # has a mean score, agreement and hard-case rate to plot); only the preset's columns are tested for drift
+    plotted = [c for c in MEAN_COLUMNS if c not in tested and c in cur.columns and c in ref.columns and cur[c].notna().any() and ref[c].notna().any()]
+    ref, cur = ref[tested + plotted], cur[tested + plotted]
+    definition = DataDefinition(numerical_columns=numerical + plotted, categorical_columns=categorical)
     meta = {k: str(v) for k, v in (metadata or {}).items()}
     preset = DataDriftPreset(
         columns=tested, drift_share=settings.drift_share,
         num_method=NUM_METHOD, cat_method=CAT_METHOD, num_threshold=settings.drift_num_threshold, cat_threshold=settings.drift_cat_threshold,
     )  # fmt: skip
-    means = [MeanValue(column=c, tests=[]) for c in MEAN_COLUMNS if c in numerical]
+    means = [MeanValue(column=c, tests=[]) for c in MEAN_COLUMNS if c in numerical or c in plotted]
     report = Report([preset, *means], include_tests=True, metadata=meta, tags=["drift"])
     snapshot = report.run(
         Dataset.from_pandas(cur, data_definition=definition),

@@ -71,9 +71,9 @@ def compare_traffic(settings: Settings, reference: pd.DataFrame, current: pd.Dat
     reference (untested, with the reason, while it has none)."""
     mine = current[current["model_version"] == version] if "model_version" in current.columns else current
     meta = {"model_version": version, "model_reference": "none yet" if own is None else f"first {len(own)} rows of {version}"} | (metadata or {})
-    if own is None:
+    if own is None:  # its model columns are not tested, but their current means are still reported (the dashboard plots them)
         why = f"model version {version} has no reference window yet (its first rows become one): a version is compared only with itself"
-        return drift_report(reference, current, settings, untested={c: why for c in MODEL_COLUMNS}, name=name, metadata=meta)
+        return drift_report(reference, current, settings, model_reference=mine, model_current=mine, untested={c: why for c in MODEL_COLUMNS}, name=name, metadata=meta)
     return drift_report(reference, current, settings, model_reference=own, model_current=mine, name=name, metadata=meta)
 
 

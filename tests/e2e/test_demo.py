@@ -16,8 +16,12 @@ from pathlib import Path
 import psutil
 import pytest
 
+from broadfast.settings import Settings
+from monitoring.dashboards import PANELS
 from monitoring.window import MODEL_COLUMNS
+from monitoring.workspace import DRIFT_PROJECT, open_workspace, project_id
 from serving.backends import resolve_backend
+from tests.monitoring.test_ui import artifacts, assert_dashboard_shows_data, serve_ui  # noqa: F401  (artifacts: the fixture)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -46,7 +50,7 @@ def demo_env(home: Path, shared_data: Path, **extra: str) -> dict[str, str]:
     } | extra
 
 
-def test_demo_closes_the_loop(tmp_path: Path, shared_data: Path) -> None:
+def test_demo_closes_the_loop(tmp_path: Path, shared_data: Path, artifacts: Path) -> None:
     home = tmp_path / "home"
     summary_path = tmp_path / "summary.json"
     env = demo_env(home, shared_data, BROADFAST_ONLINE_VAL_PAIRS="60", BROADFAST_MONITOR_INTERVAL_S="20")
@@ -81,6 +85,15 @@ def test_demo_closes_the_loop(tmp_path: Path, shared_data: Path) -> None:
     assert "student quality" in proc.stdout
     assert "freshness" in proc.stdout and "swaps" in proc.stdout
     assert processes_with_home(home) == [], "the demo left processes behind"
+
+    # after the demo, `broadfast ui` opens the drift dashboard on the rounds the monitor saved
+    ui_settings = Settings(home=home / "demo")
+    pid = project_id(open_workspace(ui_settings), DRIFT_PROJECT)
+    with serve_ui(ui_settings, tmp_path) as base:
+        # a version's model columns are tested only once it served long enough to get its own reference, and the
+        # traffic slice's figures only once its held-out labels were measured: a 75 s demo need not reach either
+        assert_dashboard_shows_data(base, pid, PANELS[DRIFT_PROJECT], tmp_path, "demo-drift", artifacts,
+                                    may_lack={"Drift score of the model columns", "Spearman (newest held-out traffic)"})  # fmt: skip
 
 
 def test_demo_shift_scenario_marks_the_shift_raises_drift_and_measures_the_new_traffic(tmp_path: Path, shared_data: Path) -> None:

@@ -43,6 +43,21 @@ def test_same_distribution_does_not_drift(settings: Settings, homedepot_train: p
     assert all(t["metric_config"]["params"]["type"].endswith(("ValueDrift", "DriftedColumnsCount")) for t in report["tests"])
 
 
+def test_a_version_without_its_own_reference_still_reports_its_current_means(settings: Settings, homedepot_train: pd.DataFrame) -> None:
+    """A version too new for its own reference: its model columns are not tested for drift, but the mean
+    score, agreement and hard-case rate the dashboard plots are still in the report."""
+    from monitoring.window import MODEL_COLUMNS
+
+    ref, cur = split_by_query(homedepot_train)
+    mine = window_from_pairs(scored(cur, 2))
+    result = drift_report(window_from_pairs(scored(ref, 1)), mine, settings, model_reference=mine, model_current=mine, untested={c: "no reference yet" for c in MODEL_COLUMNS})
+    s = result.summary
+    assert not set(MODEL_COLUMNS) & set(s["tested_columns"]) and all(s["skipped_columns"][c] == "no reference yet" for c in MODEL_COLUMNS)
+    means = {m["config"]["column"]: m["value"] for m in result.snapshot.dict()["metrics"] if m["config"]["type"].endswith(":MeanValue")}
+    assert means["score"] == pytest.approx(float(mine["score"].mean()), abs=0.02), means
+    assert {"label_agreement", "score"} <= set(means)
+
+
 def test_another_data_set_drifts(settings: Settings, homedepot_train: pd.DataFrame, crowdflower_dev: pd.DataFrame) -> None:
     result = drift_report(window_from_pairs(scored(homedepot_train)), window_from_pairs(scored(crowdflower_dev)), settings)
     s = result.summary
