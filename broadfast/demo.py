@@ -379,7 +379,7 @@ class Demo:
         table.add_column("what", style="bold")
         table.add_column("value")
         if self.shift is not None:
-            table.add_row("traffic", shift_line(self.shift, t, self.started_wall, self.settings.monitor_interval_s))
+            table.add_row("traffic", shift_line(self.shift, t, self.started_wall, self.settings))
         table.add_row("pairs scored", f"{counts.get('scored', 0):,}  ({counts.get('scored', 0) / max(elapsed, 1e-9):,.1f}/s)")
         table.add_row("hard cases", f"{counts.get('hardcases', 0):,}")
         table.add_row("teacher labels", f"{counts.get('labels', 0):,}")

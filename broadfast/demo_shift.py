@@ -50,23 +50,26 @@ class Shift:
         return f"{self.source.parent.name}/{self.source.name} → {self.target.parent.name}/{self.target.name}"
 
 
-def first_drift_alert(tally: Tally, since: float, interval_s: float) -> Any | None:
-    """The first drift alert whose streak of drifted rounds began after ``since`` (wall-clock seconds): an alert
-    raised after a shift by rounds that drifted before it is not the shift's. ``interval_s``: the monitor's rounds."""
+def first_drift_alert(tally: Tally, since: float, interval_s: float, need: int) -> Any | None:
+    """The shift's drift alert: the first one whose streak holds at least ``need`` (the monitor's
+    ``drift_alert_rounds``) drifted rounds after ``since`` (wall-clock seconds), i.e. the first alert the
+    rounds after the shift would have raised by themselves. A streak that began before the shift (a noisy
+    round just before it) does not hide the alert the shift raised. ``interval_s``: the monitor's rounds."""
 
-    def streak_began(alert: Any) -> float:
-        return alert.ts - (int((alert.details or {}).get("rounds_in_a_row") or 1) - 1) * interval_s
+    def rounds_after(alert: Any) -> int:
+        n = int((alert.details or {}).get("rounds_in_a_row") or 1)
+        return sum(alert.ts - k * interval_s > since for k in range(n))
 
     with tally.lock:
-        return next((a for a in sorted(tally.alerts, key=lambda a: a.ts) if a.kind == "drift" and streak_began(a) > since), None)
+        return next((a for a in sorted(tally.alerts, key=lambda a: a.ts) if a.kind == "drift" and a.ts > since and rounds_after(a) >= need), None)
 
 
-def shift_line(shift: Shift, tally: Tally, started_wall: float, interval_s: float) -> str:
+def shift_line(shift: Shift, tally: Tally, started_wall: float, settings: Any) -> str:
     """The live view's line: when the traffic shifted, and the drift alert that followed."""
     if shift.ts is None:
         return f"{shift.label()} at {shift.after_s:.0f} s (simulated shift; not yet)"
     line = f"{shift.label()} at {shift.ts - started_wall:.0f} s (simulated shift)"
-    alert = first_drift_alert(tally, shift.ts, interval_s)
+    alert = first_drift_alert(tally, shift.ts, settings.monitor_interval_s, settings.drift_alert_rounds)
     if alert is None:
         return line + f"; no drift alert yet ({time.time() - shift.ts:.0f} s since)"
     columns = ", ".join((alert.details or {}).get("drifted_columns") or []) or "?"
@@ -87,7 +90,7 @@ def shift_summary(settings: Any, shift: Shift, tally: Tally) -> dict[str, Any]:
     out: dict[str, Any] = {"from": str(shift.source), "to": str(shift.target), "after_s": shift.after_s, "ts": shift.ts, "simulated": True}
     if shift.ts is None:
         return out | {"note": "the run ended before the shift"}
-    alert = first_drift_alert(tally, shift.ts, settings.monitor_interval_s)
+    alert = first_drift_alert(tally, shift.ts, settings.monitor_interval_s, settings.drift_alert_rounds)
     out["drift_alert"] = None if alert is None else {
         "delay_s": round(alert.ts - shift.ts, 1), "drifted_columns": (alert.details or {}).get("drifted_columns"),
         "rounds_in_a_row": (alert.details or {}).get("rounds_in_a_row"), "monitor_interval_s": settings.monitor_interval_s,

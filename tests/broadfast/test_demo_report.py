@@ -41,7 +41,7 @@ def test_freshness_counts_from_first_scoring_to_the_first_response_of_a_model_tr
     assert freshness(t, lambda q: q == "held") == [(12.0, 4.0), (33.0, 20.0)]
 
 
-def test_the_shifts_drift_alert_is_one_whose_streak_began_after_the_shift() -> None:
+def test_the_shifts_drift_alert_is_the_first_that_its_rounds_after_the_shift_raise() -> None:
     from types import SimpleNamespace
 
     from broadfast.demo_report import Tally
@@ -50,9 +50,12 @@ def test_the_shifts_drift_alert_is_one_whose_streak_began_after_the_shift() -> N
     t = Tally()
     alert = lambda ts, rounds: SimpleNamespace(kind="drift", ts=ts, details={"rounds_in_a_row": rounds, "drifted_columns": ["query_tokens"]})  # noqa: E731
     t.alerts = [alert(1000.0, 2), alert(1060.0, 3), SimpleNamespace(kind="guardrail", ts=1100.0, details={}), alert(1200.0, 2)]
-    # shift at 950: the first alert's streak began at 940, before it; the 1060 one's at 940 too; 1200's at 1140
-    assert first_drift_alert(t, 950.0, 60.0).ts == 1200.0
-    assert first_drift_alert(t, 900.0, 60.0).ts == 1000.0
-    assert first_drift_alert(t, 1200.0, 60.0) is None
+    # shift at 950, two rounds needed: the 1000 alert's streak (rounds 940, 1000) has one round after it — a
+    # round that drifted before the shift must not count; the 1060 one (940, 1000, 1060) has two: the shift's
+    assert first_drift_alert(t, 950.0, 60.0, 2).ts == 1060.0
+    assert first_drift_alert(t, 950.0, 60.0, 3) is None  # no streak holds three rounds after the shift
+    assert first_drift_alert(t, 900.0, 60.0, 2).ts == 1000.0
+    assert first_drift_alert(t, 1010.0, 60.0, 2).ts == 1200.0  # 1060's streak has one round after 1010
+    assert first_drift_alert(t, 1200.0, 60.0, 2) is None
     t.version_first_ts = {"v1": 10.0, "v2": 900.0, "v3": 1000.0, "v4": 1100.0}
     assert served_at(t, 950.0) == ("v2", "v3", "v4") and served_at(t, 5.0) == (None, "v1", "v4")

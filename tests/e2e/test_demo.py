@@ -119,7 +119,7 @@ def test_demo_shift_scenario_marks_the_shift_raises_drift_and_measures_the_new_t
     # detection: a drift alert after the shift, after two drifted rounds in a row, naming input columns
     alert = shift["drift_alert"]
     assert alert is not None, f"no drift alert after the shift; alerts: {summary['alerts']}"
-    assert 0 <= alert["delay_s"] <= 3 * interval + 30 and alert["rounds_in_a_row"] == 2
+    assert 0 <= alert["delay_s"] <= 3 * interval + 30 and alert["rounds_in_a_row"] >= 2
     assert set(alert["drifted_columns"]) - set(MODEL_COLUMNS), f"only model columns drifted: {alert['drifted_columns']}"
     # quality on the new traffic's held-out queries, before and after, on the same pairs
     q = shift["quality_on_new_traffic"]
