@@ -77,10 +77,10 @@ def compare_traffic(settings: Settings, reference: pd.DataFrame, current: pd.Dat
     return drift_report(reference, current, settings, model_reference=own, model_current=mine, name=name, metadata=meta)
 
 
-def caught_up(event: Any, now_s: float | None = None) -> bool:
+def caught_up(event: Any) -> bool:
     """Whether ``event`` is recent (within :data:`CAUGHT_UP_S`): the consumer has no backlog worth waiting for."""
     ts = getattr(event, "ts", None)
-    return ts is not None and (now_s if now_s is not None else time.time()) - float(ts) <= CAUGHT_UP_S
+    return ts is not None and time.time() - float(ts) <= CAUGHT_UP_S
 
 
 @dataclass
