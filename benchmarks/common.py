@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
-from broadfast.settings import Settings
+from broadfast.core.settings import Settings
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -20,8 +20,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 @contextmanager
 def embedded_or_configured_stack() -> Iterator[Settings]:
     """Settings for the configured broker if BROADFAST_KAFKA_BOOTSTRAP is set, else a fresh embedded stack."""
-    from streams.bus import ensure_topics
-    from streams.stack import EmbeddedStack
+    from broadfast.core.bus import ensure_topics
+    from broadfast.devstack.stack import EmbeddedStack
 
     if os.environ.get("BROADFAST_KAFKA_BOOTSTRAP"):
         settings = Settings()
@@ -32,7 +32,7 @@ def embedded_or_configured_stack() -> Iterator[Settings]:
         stack = EmbeddedStack(Settings(home=Path(home)))
         state, _ = stack.up()
         try:
-            yield Settings(home=Path(home), kafka_bootstrap=state.env["BROADFAST_KAFKA_BOOTSTRAP"], kafka_flavor="tansu", redis_url=state.env["BROADFAST_REDIS_URL"])
+            yield state.settings(Settings(home=Path(home)))
         finally:
             stack.down()
 

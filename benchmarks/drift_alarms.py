@@ -1,8 +1,8 @@
 """Drift you can trust: false alarms on stationary traffic, detection delay after a real shift.
 
-The real monitor (:class:`monitoring.monitor.Monitor`, real Evidently reports) runs round after
+The real monitor (:class:`broadfast.monitoring.monitor.Monitor`, real Evidently reports) runs round after
 round over a rolling window of simulated traffic — requests replayed from a data set
-(:mod:`monitoring.simulate`: the replay planner; the scores come from *simulated models* that
+(:mod:`broadfast.simulation.clicks`: the replay planner; the scores come from *simulated models* that
 read the human grade, named as such, not students):
 
 - **stationary**: ``--rounds`` rounds of Home Depot train traffic, ``--round-requests``
@@ -34,13 +34,13 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from benchmarks.common import invocation, markdown_table, write_result  # noqa: E402
-from broadfast.settings import Settings  # noqa: E402
-from monitoring.monitor import Monitor  # noqa: E402
-from monitoring.simulate import noisy_oracle, simulate_ab, to_events  # noqa: E402
-from monitoring.traffic import TrafficWindow  # noqa: E402
-from monitoring.window import COLUMNS  # noqa: E402
-from serving.experiments import Experiment  # noqa: E402
-from streams.datasets import load_pairs  # noqa: E402
+from broadfast.core.settings import Settings  # noqa: E402
+from broadfast.monitoring.monitor import Monitor  # noqa: E402
+from broadfast.simulation.clicks import noisy_oracle, simulate_ab, to_events  # noqa: E402
+from broadfast.monitoring.traffic import TrafficWindow  # noqa: E402
+from broadfast.monitoring.window import COLUMNS  # noqa: E402
+from broadfast.core.experiments import Experiment  # noqa: E402
+from broadfast.core.datasets import load_pairs  # noqa: E402
 
 # the versions swapped in, in turn: simulated models with differently distributed scores
 MODELS = {"v1": noisy_oracle(2.0, 1.0), "v2": noisy_oracle(4.0, 0.5), "v3": noisy_oracle(1.0, 1.0), "v4": noisy_oracle(3.0, 2.0), "v5": noisy_oracle(2.5, 0.8)}
@@ -51,7 +51,7 @@ def run_scenario(name: str, sources: list[pd.DataFrame], args: argparse.Namespac
     """Rounds of traffic (``sources[r]`` is round r's data set) through one monitor; one record per round."""
     settings = settings.model_copy(update={"home": settings.home / f"{name}-{seed}"})
     monitor = Monitor(settings, out_root=settings.home / "rounds")
-    window = TrafficWindow(settings.monitor_window_events)
+    window = TrafficWindow(settings.monitoring.monitor_window_events)
     versions = list(MODELS)
     records = []
     for r, df in enumerate(sources):
@@ -136,10 +136,10 @@ def main() -> None:
         for rounds in (1, 2, 3):
             false, delays = 0, []
             for st, sh in runs.values():
-                hot = policy(sh, threshold, settings.drift_share, rounds)
-                false += sum(policy(st, threshold, settings.drift_share, rounds)) + sum(hot[:first_cf])
+                hot = policy(sh, threshold, settings.monitoring.drift_share, rounds)
+                false += sum(policy(st, threshold, settings.monitoring.drift_share, rounds)) + sum(hot[:first_cf])
                 delays.append(next((str(i - first_cf + 1) for i in range(first_cf, len(hot)) if hot[i]), "never"))
-            chosen = threshold == settings.drift_num_threshold == settings.drift_cat_threshold and rounds == settings.drift_alert_rounds
+            chosen = threshold == settings.monitoring.drift_num_threshold == settings.monitoring.drift_cat_threshold and rounds == settings.monitoring.drift_alert_rounds
             policy_rows.append([f"{threshold:g}", rounds, false, " / ".join(delays), "**chosen**" if chosen else ""])
     policies = markdown_table(["distance threshold", "drifted rounds in a row", f"false alarms ({len(seeds)} × {args.rounds} stationary rounds + the rounds before each shift)", "detection delay per seed (rounds after the shift)", ""], policy_rows)
 
@@ -157,8 +157,8 @@ def main() -> None:
         ],
     )
     notes = (
-        f"Monitor settings: drift_num_threshold {settings.drift_num_threshold:g} (normed Wasserstein), drift_cat_threshold {settings.drift_cat_threshold:g} (Jensen–Shannon), "
-        f"drift_share {settings.drift_share:g}, drift_alert_rounds {settings.drift_alert_rounds}, monitor_current_rows {settings.monitor_current_rows:,}. "
+        f"Monitor settings: drift_num_threshold {settings.monitoring.drift_num_threshold:g} (normed Wasserstein), drift_cat_threshold {settings.monitoring.drift_cat_threshold:g} (Jensen–Shannon), "
+        f"drift_share {settings.monitoring.drift_share:g}, drift_alert_rounds {settings.monitoring.drift_alert_rounds}, monitor_current_rows {settings.monitoring.monitor_current_rows:,}. "
         f"Each round adds {args.round_requests} replayed requests (about {int(np.mean([r['rows'] for r in stationary]))} scored pairs) to a rolling window; "
         f"the version changes every {args.swap_every} rounds ({', '.join(versions)}: simulated models of different sharpness, not students). "
         "The policy table re-reads the recorded distances; the monitor itself ran only with the settings above."

@@ -1,13 +1,13 @@
 """How far int8 moves a student's scores: ONNX Runtime dynamic int8 (per-tensor, per-channel weights) and
 OpenVINO static int8 (NNCF), fp32 the baseline.
 
-For each trained model folder: the whole scoring model is exported once (``serving.export.export_onnx``),
+For each trained model folder: the whole scoring model is exported once (``broadfast.serving.export.export_onnx``),
 quantized three ways (ONNX Runtime's dynamic quantization with per-tensor and per-channel weights, as
 ``onnx-int8`` serves; NNCF's static quantization calibrated on the probe set, as ``openvino-int8`` serves),
 and scored as served (onnx-int8 one pair per run, openvino-int8 runs of 8) on
 the 24 probe pairs the swap checks (max and mean |Δscore|, Spearman against fp32, the fp32 spread) and
 on whole dev queries (mean, p99 and max |Δscore|; dev Spearman and NDCG@10 of fp32 and of each int8).
-The probe figures are what ``serving.backends.MAX_SCORE_DIFF`` / ``MAX_MEAN_SCORE_DIFF`` /
+The probe figures are what ``broadfast.serving.backends.MAX_SCORE_DIFF`` / ``MAX_MEAN_SCORE_DIFF`` /
 ``MIN_SPEARMAN`` were set from.
 
     python benchmarks/int8_agreement.py --models runs/v0001 runs/v0009 runs/hd6k [--pairs 1000]
@@ -28,17 +28,17 @@ from tqdm.auto import tqdm
 
 from benchmarks.common import invocation, markdown_table, write_result
 from benchmarks.student import quality_slice
-from streams.datasets import load_pairs
-from streams.events import score_from_probs
-from training.distill import pair_texts
-from training.metrics import evaluate
-from training.student import load_student
+from broadfast.core.datasets import load_pairs
+from broadfast.core.events import score_from_probs
+from broadfast.model.student import pair_texts
+from broadfast.training.metrics import evaluate
+from broadfast.model.student import load_student
 
 WAYS = {"onnx-int8, per-tensor": False, "onnx-int8, per-channel": True, "openvino-int8 (static)": None}
 
 
 def relevance(probs: np.ndarray) -> np.ndarray:
-    """The served relevance score of each row (``streams.events.score_from_probs``)."""
+    """The served relevance score of each row (``broadfast.core.events.score_from_probs``)."""
     return np.array([score_from_probs(p) for p in probs])
 
 
@@ -46,10 +46,10 @@ def measure(folder: Path, dev, work: Path) -> list[list[object]]:  # type: ignor
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from scipy.stats import spearmanr
 
-    from serving import openvino_int8
-    from serving.export import export_onnx
-    from serving.onnx_int8 import OnnxInt8Backend
-    from serving.models import PROBE_PAIRS
+    from broadfast.serving import openvino_int8
+    from broadfast.serving.export import export_onnx
+    from broadfast.serving.onnx_int8 import OnnxInt8Backend
+    from broadfast.serving.models import PROBE_PAIRS
 
     student = load_student(folder)
     student.eval()
@@ -99,12 +99,12 @@ def main() -> None:
     headers = ["model", "int8", "probe fp32 spread", "probe max abs Δ", "probe mean abs Δ", "probe Spearman vs fp32",
                "dev mean abs Δ", "dev p99 abs Δ", "dev max abs Δ", "dev Spearman", "dev NDCG@10"]  # fmt: skip
     body = (
-        f"{len(dev):,} dev pairs of {dev['query'].nunique()} whole queries of `{args.data.name}`; 24 probe pairs (`serving/models.py: PROBE_PAIRS`); "
+        f"{len(dev):,} dev pairs of {dev['query'].nunique()} whole queries of `{args.data.name}`; 24 probe pairs (`broadfast/serving/models.py: PROBE_PAIRS`); "
         f"abs Δ = abs(relevance score int8 − fp32), relevance = P(exact) + ½·P(partial); onnx-int8 served one pair per run, openvino-int8 runs of 8, {args.threads} thread(s).\n\n"
         f"{markdown_table(headers, rows)}\n"
     )
     notes = ("onnx-int8: ONNX Runtime `quantize_dynamic`, QInt8 weights, per tensor or per output channel; activations quantized at run time. "
-             "openvino-int8: `nncf.quantize(model_type=TRANSFORMER)` calibrated on the probe queries × probe ad texts (serving/openvino_int8.py), "
+             "openvino-int8: `nncf.quantize(model_type=TRANSFORMER)` calibrated on the probe queries × probe ad texts (broadfast/serving/openvino_int8.py), "
              "run with f32 inference precision. " + args.notes)  # fmt: skip
     write_result("int8_agreement", "int8 against fp32: ONNX Runtime dynamic (per-tensor, per-channel) and OpenVINO static", invocation(), body, notes)
 

@@ -1,7 +1,7 @@
 """Cost of a monitoring round: drift report time and peak memory for 10k, 100k and 1M scored events.
 
 Windows of scored events are simulated from Home Depot train with the replay planner and
-click model (:mod:`monitoring.simulate`; reference and current windows of the same size,
+click model (:mod:`broadfast.simulation.clicks`; reference and current windows of the same size,
 different seeds). Each case runs in its own process, so its memory is its own:
 
 - ``sampled``: the monitor's way — each window sampled to ``--sample-rows`` rows
@@ -70,9 +70,9 @@ def generate(size: int, data: Path, seed: int, out: Path) -> None:
     import numpy as np
     import pandas as pd
 
-    from monitoring.simulate import noisy_oracle, shuffled, simulate_ab
-    from serving.experiments import Experiment
-    from streams.datasets import load_pairs
+    from broadfast.simulation.clicks import noisy_oracle, shuffled, simulate_ab
+    from broadfast.core.experiments import Experiment
+    from broadfast.core.datasets import load_pairs
 
     df = load_pairs(data, require_grade=True)
     exp = Experiment("bench", "v1", "v2", 0.5, "bench-salt", "running", 0.0)
@@ -83,7 +83,7 @@ def generate(size: int, data: Path, seed: int, out: Path) -> None:
     clicks = clicks[clicks["request_id"].isin(set(scored["request_id"]))]
     rng = np.random.default_rng(seed)
     pick = scored.drop_duplicates(["query", "ad_id"]).sample(frac=0.02, random_state=seed)
-    from streams.events import pair_id
+    from broadfast.core.events import pair_id
 
     ids = [pair_id(q, a) for q, a in zip(pick["query"], pick["ad_id"])]
     pd.DataFrame({"pair_id": ids, "label": rng.integers(0, 3, len(ids))}).to_parquet(out / f"labels-{seed}.parquet")
@@ -96,11 +96,11 @@ def run_case(folder: Path, mode: str, sample_rows: int, repeats: int) -> dict:
     """One case, in this process: build windows, drift report, write it, A/B comparison."""
     import pandas as pd
 
-    from broadfast.settings import Settings
-    from monitoring.ab import compare
-    from monitoring.drift import drift_report, write_report
-    from monitoring.window import window_from_traffic
-    from serving.experiments import Experiment
+    from broadfast.core.settings import Settings
+    from broadfast.monitoring.ab import compare
+    from broadfast.monitoring.drift import drift_report, write_report
+    from broadfast.monitoring.window import window_from_traffic
+    from broadfast.core.experiments import Experiment
 
     frames = {name: [pd.read_parquet(folder / f"{name}-{s}.parquet") for s in (0, 1)] for name in ("scored", "clicks", "labels", "hardcases")}
     rows = len(frames["scored"][1])

@@ -7,13 +7,13 @@ over the neighbouring grades with 0.1 smoothing, plus the human grade — what
 1. **weak start**: a MiniLM student trained for one epoch on ``--bootstrap`` human-labelled pairs;
 2. **traffic**: the rest of train (query-disjoint from the start) arrives in ``--rounds``
    windows of ``--window`` pairs; from each window an arm asks the oracle for ``--budget``
-   labels and the online learner (``training.learner.OnlineLearner``, the code ``broadfast train
+   labels and the online learner (``broadfast.training.learner.OnlineLearner``, the code ``broadfast train
    online`` runs) learns them with ``learn_many``:
    - *random*: uniformly from the window;
-   - *sampler*: the stream's own admission policy (``streams.sampler.admission_order`` over
+   - *sampler*: the stream's own admission policy (``broadfast.stream.sampler.admission_order`` over
      ``hardness_score``): hardest first for the arm's current student, ``--explore-share`` of the
      slots drawn at random, at most ``--per-query`` labels per query (the stream's defaults);
-3. **offline**: ``training.distill.train`` on the random arm's very labels, from the same weak
+3. **offline**: ``broadfast.training.distill.train`` on the random arm's very labels, from the same weak
    start, for the same number of optimizer steps and batch size;
 4. everything is measured on a query-disjoint dev slice (``--dev-queries`` queries of dev).
 
@@ -40,15 +40,16 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.common import invocation, markdown_table, write_result  # noqa: E402
-from streams.datasets import load_pairs  # noqa: E402
-from broadfast.settings import Settings  # noqa: E402
-from streams.events import normalize_query  # noqa: E402
-from streams.sampler import admission_order, hardness_score  # noqa: E402
-from training.distill import TrainConfig, pair_texts, prepare, train, train_offline_frame  # noqa: E402
-from training.learner import LabelRow, LearnerConfig, OnlineLearner  # noqa: E402
-from training.metrics import evaluate  # noqa: E402
-from training.student import StudentConfig  # noqa: E402
-from training.targets import Targets, human_targets, relevance_to_probs  # noqa: E402
+from broadfast.core.datasets import load_pairs  # noqa: E402
+from broadfast.core.settings import Settings  # noqa: E402
+from broadfast.core.events import normalize_query  # noqa: E402
+from broadfast.stream.sampler import admission_order, hardness_score  # noqa: E402
+from broadfast.model.student import pair_texts
+from broadfast.training.distill import TrainConfig, prepare, train, train_offline_frame  # noqa: E402
+from broadfast.training.learner import LabelRow, LearnerConfig, OnlineLearner  # noqa: E402
+from broadfast.training.metrics import evaluate  # noqa: E402
+from broadfast.model.student import StudentConfig  # noqa: E402
+from broadfast.training.targets import Targets, human_targets, relevance_to_probs  # noqa: E402
 
 SMOOTHING = 0.1
 
@@ -71,7 +72,7 @@ def oracle_rows(window: pd.DataFrame, idx: np.ndarray, scale: tuple[float, float
     probs = oracle_probs(picked, scale)
     return [
         LabelRow(pair_id=f"{q}|{a}", query=q, text=t, probs=[float(x) for x in p], grade=int(g), teacher_id="oracle:human-relevance(homedepot/train)")
-        for q, a, t, p, g in zip(queries, picked["product_id"], texts, probs, picked["grade"])
+        for q, a, t, p, g in zip(queries, picked["ad_id"], texts, probs, picked["grade"])
     ]
 
 
@@ -81,7 +82,7 @@ def evaluate_on(model: object, dev: pd.DataFrame) -> dict[str, float]:
 
 
 def pick_sampler(learner: OnlineLearner, window: pd.DataFrame, budget: int, args: argparse.Namespace, rng: np.random.Generator) -> np.ndarray:
-    """The stream's admission policy (``streams.sampler.admission_order``) over the window, scored by the arm's student."""
+    """The stream's admission policy (``broadfast.stream.sampler.admission_order``) over the window, scored by the arm's student."""
     queries, texts = pair_texts(window)
     probs = learner.predict_proba(queries, texts, batch_size=128)
     order, _ = admission_order([hardness_score(p) for p in probs], [normalize_query(q) for q in queries], args.explore_share, args.per_query, rng)
@@ -127,7 +128,7 @@ def run_seed(seed: int, train_df: pd.DataFrame, dev_all: pd.DataFrame, args: arg
     # offline: the random arm's labels (or the only arm run), same weak start, same number of steps of the same size
     base = "random" if "random" in labelled else next(iter(labelled))
     rows = labelled[base]
-    frame = pd.DataFrame({"query": [r.query for r in rows], "title": [r.text for r in rows], "description": ""})
+    frame = pd.DataFrame({"query": [r.query for r in rows], "title": [r.text for r in rows], "text": ""})
     targets = Targets(np.array([r.probs for r in rows], dtype=np.float32), np.array([r.grade for r in rows], dtype=np.int64), None, np.zeros(len(rows), dtype=bool), "oracle")
     student = copy.deepcopy(weak)
     ts = prepare(student, frame, targets)
@@ -165,14 +166,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--budget", type=int, default=500, help="oracle labels per round")
     parser.add_argument("--window", type=int, default=1500, help="traffic pairs per round the arms pick from")
-    parser.add_argument("--explore-share", type=float, default=Settings().stream_explore_share, help="sampler arm: share of slots drawn at random [BROADFAST_STREAM_EXPLORE_SHARE]")
-    parser.add_argument("--per-query", type=int, default=Settings().stream_per_query_cap, help="sampler arm: most labels per query per window [BROADFAST_STREAM_PER_QUERY_CAP]")
+    parser.add_argument("--explore-share", type=float, default=Settings().stream.stream_explore_share, help="sampler arm: share of slots drawn at random [BROADFAST_STREAM_EXPLORE_SHARE]")
+    parser.add_argument("--per-query", type=int, default=Settings().stream.stream_per_query_cap, help="sampler arm: most labels per query per window [BROADFAST_STREAM_PER_QUERY_CAP]")
     parser.add_argument("--passes", type=int, default=LearnerConfig.passes)
     parser.add_argument("--batch-size", type=int, default=LearnerConfig.batch_size)
     parser.add_argument("--replay-fraction", type=float, default=LearnerConfig.replay_fraction)
     parser.add_argument("--lr", type=float, default=LearnerConfig.lr)
-    parser.add_argument("--head-lr-ratio", type=float, default=Settings().online_head_lr_ratio, help="online learner: learning rate of the extractor and head as a multiple of --lr [BROADFAST_ONLINE_HEAD_LR_RATIO]")
-    parser.add_argument("--adam-beta2", type=float, default=Settings().online_adam_beta2, help="online learner: AdamW's second-moment decay [BROADFAST_ONLINE_ADAM_BETA2]")
+    parser.add_argument("--head-lr-ratio", type=float, default=Settings().training.online_head_lr_ratio, help="online learner: learning rate of the extractor and head as a multiple of --lr [BROADFAST_ONLINE_HEAD_LR_RATIO]")
+    parser.add_argument("--adam-beta2", type=float, default=Settings().training.online_adam_beta2, help="online learner: AdamW's second-moment decay [BROADFAST_ONLINE_ADAM_BETA2]")
     parser.add_argument("--warmup", type=int, default=LearnerConfig.warmup_steps)
     parser.add_argument("--schedule", choices=["constant", "inverse_sqrt"], default=LearnerConfig.schedule)
     parser.add_argument("--dev-queries", type=int, default=200)

@@ -31,12 +31,13 @@ import pandas as pd
 import torch
 
 from benchmarks.common import invocation, markdown_table, write_result
-from streams.datasets import load_pairs
-from training.distill import TrainConfig, pair_texts, prepare, train
-from training.losses import LossConfig, lrkd_loss
-from training.metrics import evaluate
-from training.student import StudentConfig, build_student
-from training.targets import human_targets
+from broadfast.core.datasets import load_pairs
+from broadfast.model.student import pair_texts
+from broadfast.training.distill import TrainConfig, prepare, train
+from broadfast.training.losses import LossConfig, lrkd_loss
+from broadfast.training.metrics import evaluate
+from broadfast.model.student import StudentConfig, build_student
+from broadfast.training.targets import human_targets
 
 REPO = Path(__file__).resolve().parents[1]
 log = logging.getLogger("benchmarks.quality")

@@ -22,12 +22,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 from benchmarks.common import embedded_or_configured_stack, invocation, markdown_table, write_result  # noqa: E402
-from broadfast.settings import Settings  # noqa: E402
-from streams import events as ev  # noqa: E402
-from streams.bus import EventBus, consume, ensure_topics, make_consumer, make_producer  # noqa: E402
-from streams.datasets import load_pairs  # noqa: E402
-from streams.deadletter import DeadLetters  # noqa: E402
-from streams.replay import ClickModel, Replayer, plan_requests  # noqa: E402
+from broadfast.core.settings import Settings  # noqa: E402
+from broadfast.core import events as ev  # noqa: E402
+from broadfast.core.bus import EventBus, consume, ensure_topics, make_consumer, make_producer  # noqa: E402
+from broadfast.core.datasets import load_pairs  # noqa: E402
+from broadfast.core.deadletter import DeadLetters  # noqa: E402
+from broadfast.simulation.replay import ClickModel, Replayer, plan_requests  # noqa: E402
 
 
 def workload(data: Path, n_requests: int, seed: int) -> list[ev.Event]:

@@ -37,8 +37,8 @@ import httpx
 import numpy as np
 
 from benchmarks.common import embedded_or_configured_stack, invocation, markdown_table, write_result
-from broadfast.settings import Settings
-from streams.datasets import load_pairs
+from broadfast.core.settings import ServingSettings, Settings
+from broadfast.core.datasets import load_pairs
 
 REPO = Path(__file__).resolve().parents[1]
 ADS = 50
@@ -54,7 +54,7 @@ def requests_from(data: Path, n: int, seed: int = 0) -> list[dict]:
     """n 50-ad requests: a real query and 50 real ad titles (its own candidates first, then others)."""
     df = load_pairs(data)
     rng = np.random.default_rng(seed)
-    titles, ids = df["title"].to_numpy(), df["product_id"].astype(str).to_numpy()
+    titles, ids = df["title"].to_numpy(), df["ad_id"].astype(str).to_numpy()
     groups = list(df.groupby("query").indices.items())
     out = []
     for i in range(n):
@@ -73,7 +73,7 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         full = os.environ | settings.public_env() | {"BROADFAST_SERVE_PORT": str(self.port), "BROADFAST_LOG_LEVEL": "WARNING"} | env
         self.log = log.open("w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "broadfast.cli", "serve"], env=full, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen([sys.executable, "-m", "broadfast.cli.main", "serve"], env=full, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 180
         while True:
             if self.proc.poll() is not None:
@@ -125,7 +125,7 @@ def summarize(results: list[tuple[float, float, str]], wall: float) -> tuple[flo
 
 
 def layers_of(folder: Path) -> int:
-    from training.student import read_config
+    from broadfast.model.student import read_config
 
     return read_config(folder).layers
 
@@ -134,8 +134,8 @@ def untrained_students(tmp: Path, small_layers: list[int]) -> tuple[Path, list[P
     """The packaged MiniLM-L6 with an untrained head, and copies cut to ``small_layers`` layers (speed only)."""
     import torch
 
-    from training.shrink import shrink_student
-    from training.student import StudentConfig, build_student, save_student
+    from broadfast.training.shrink import shrink_student
+    from broadfast.model.student import StudentConfig, build_student, save_student
 
     torch.manual_seed(0)
     student = build_student(StudentConfig.minilm())
@@ -148,10 +148,10 @@ def quality(folder: Path, backend: str, dev, threads: int) -> dict[str, float]: 
     """Dev Spearman and NDCG@10 of ``folder`` scored by ``backend`` in-process (the serving code's backends)."""
     import torch
 
-    from serving.backends import load_backend
-    from training.distill import pair_texts
-    from training.metrics import evaluate
-    from training.student import load_student
+    from broadfast.serving.backends import load_backend
+    from broadfast.model.student import pair_texts
+    from broadfast.training.metrics import evaluate
+    from broadfast.model.student import load_student
 
     torch.set_num_threads(threads)
     student = load_student(folder, "cpu")
@@ -185,8 +185,8 @@ def main() -> None:
     levels = [int(x) for x in args.clients.split(",")]
 
     from benchmarks.student import quality_slice
-    from streams.bus import ensure_topics
-    from training.registry import Registry
+    from broadfast.core.bus import ensure_topics
+    from broadfast.model.registry import Registry
 
     with embedded_or_configured_stack() as base, tempfile.TemporaryDirectory(prefix="broadfast-serving-bench-") as tmp:
         tmp_path = Path(tmp)
@@ -252,8 +252,8 @@ def main() -> None:
         f"{dev['query'].nunique()} whole queries of `{args.data.name}`, scored in-process by the same backend code.\n\n{table}\n\n{swap_table}\n"
     )
     notes = (
-        "torch = PyTorch fp32; openvino-int8 = OpenVINO, static int8 (NNCF) weights and activations, length-sorted runs of 8 pairs (serving/openvino_int8.py); "
-        "onnx-int8 = ONNX Runtime, dynamic int8 per-channel weights, one pair per run (serving/onnx_int8.py). "
+        "torch = PyTorch fp32; openvino-int8 = OpenVINO, static int8 (NNCF) weights and activations, length-sorted runs of 8 pairs (broadfast/serving/openvino_int8.py); "
+        "onnx-int8 = ONNX Runtime, dynamic int8 per-channel weights, one pair per run (broadfast/serving/onnx_int8.py). "
         "CPU figures on shared, noisy cores: read ratios within a run. "
         + ("The students are the packaged MiniLM-L6 with an untrained head and a cut-down copy: speed only, their quality columns mean nothing. " if args.model is None else "")
         + args.notes
@@ -266,8 +266,8 @@ def hot_swap(args: argparse.Namespace, registry_of: tuple[Settings, Path], tmp_p
     the int8 backend converts them) and time it to live and to the first response naming it."""
     import torch
 
-    from training.registry import Registry
-    from training.student import load_student, save_student
+    from broadfast.model.registry import Registry
+    from broadfast.model.student import load_student, save_student
 
     settings, folder = registry_of
     registry = Registry(settings)
@@ -277,7 +277,7 @@ def hot_swap(args: argparse.Namespace, registry_of: tuple[Settings, Path], tmp_p
             p.add_(torch.randn_like(p) * 1e-4)
     nudged = save_student(student, tmp_path / "nudged")
     del student
-    backend_setting = Settings.model_fields["serve_backend"].default
+    backend_setting = ServingSettings.model_fields["serve_backend"].default
     server = Server(settings, {"BROADFAST_TORCH_THREADS": str(args.swap_threads), "BROADFAST_SERVE_BACKEND": backend_setting}, tmp_path / "swap.log")
     try:
         backend = httpx.get(server.url + "/readyz").json()["backend"]["name"]

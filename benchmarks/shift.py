@@ -6,7 +6,7 @@ train traffic until ``--duration``, the oracle teacher (a simulated annotator an
 files' human judgements). From each run's summary: the drift alert's delay after the switch and the
 columns it named, and the Spearman / NDCG@10 on the new data set's held-out queries (never trained
 on) of the versions serving at the switch, first after it and last — all measured on the same pairs
-(``broadfast/demo_shift.py``). The baseline is the version serving at the switch, in the same run.
+(``broadfast/demo/shift.py``). The baseline is the version serving at the switch, in the same run.
 
     python benchmarks/shift.py --seeds 0 [--duration 780] [--shift-after 180]
 """

@@ -23,9 +23,9 @@ import torch
 
 from benchmarks.common import invocation, markdown_table, write_result
 from benchmarks.student import make_requests, quality_slice, time_interleaved
-from training.distill import pair_texts
-from training.metrics import evaluate
-from training.student import load_student
+from broadfast.model.student import pair_texts
+from broadfast.training.metrics import evaluate
+from broadfast.model.student import load_student
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -2,8 +2,8 @@
 
 1. **Stream throughput.** N scored events (requests of up to 50 ads from a relevance data
    set, Dirichlet grade probabilities) are written to the embedded broker first. Baseline:
-   a raw kafka-python consumer (``streams.bus.consume``: poll + decode + validate) reads them.
-   Then one faust worker (``python -m streams.app``, what ``broadfast stream`` runs) processes
+   a raw kafka-python consumer (``broadfast.core.bus.consume``: poll + decode + validate) reads them.
+   Then one faust worker (``python -m broadfast.stream.app``, what ``broadfast stream`` runs) processes
    the same events — hard-case sampling, exactly-once counters, and (second run) pushes to
    Feast. Rates exclude the worker's start-up (timed from its first counted event).
 2. **Sampler latency.** ``HardCaseSampler.process`` on batches of the same events, in process.
@@ -34,11 +34,11 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from broadfast.settings import Settings
-from streams.bus import EventBus, consume, ensure_topics, make_consumer
-from streams.datasets import load_pairs
-from streams.events import Scored
-from training.student import description_read
+from broadfast.core.settings import Settings
+from broadfast.core.bus import EventBus, consume, ensure_topics, make_consumer
+from broadfast.core.datasets import load_pairs
+from broadfast.core.events import Scored
+from broadfast.model.student import text_read
 
 
 def make_events(data: Path, n: int, seed: int = 0) -> list[Scored]:
@@ -57,7 +57,7 @@ def make_events(data: Path, n: int, seed: int = 0) -> list[Scored]:
             probs = tuple(float(x) for x in probs / probs.sum())
             probs = (probs[0], probs[1], 1.0 - probs[0] - probs[1])
             events.append(
-                Scored(request_id=f"b{r}", ts=ts, query=query, ad_id=row["product_id"], ad_title=row["title"], ad_text=description_read(row.get("description")), position=pos,
+                Scored(request_id=f"b{r}", ts=ts, query=query, ad_id=row["ad_id"], title=row["title"], text=text_read(row.get("text")), position=pos,
                        score=min(1.0, probs[2] + 0.5 * probs[1]), grade_probs=probs, model_version="bench", arm=arm, latency_ms=1.0)
             )
         ts += 0.05
@@ -95,7 +95,7 @@ def raw_consumer_rate(settings: Settings, n: int) -> float:
 
 
 def counted(client, settings: Settings) -> int:
-    return sum(int(v) + 1 for v in client.hgetall(f"{settings.topic_prefix}:stream:hwm").values())
+    return sum(int(v) + 1 for v in client.hgetall(f"{settings.kafka.topic_prefix}:stream:hwm").values())
 
 
 def noop_worker(settings: Settings) -> None:
@@ -104,23 +104,23 @@ def noop_worker(settings: Settings) -> None:
     import faust
     import redis
 
-    from streams.app import faust_config
-    from streams.events import decode
+    from broadfast.core.connections import faust_config
+    from broadfast.core.events import decode
 
     cfg = faust_config(settings) | {"id": faust_config(settings)["id"] + "-noop"}
     Path(cfg["datadir"]).mkdir(parents=True, exist_ok=True)
     app = faust.App(**cfg)
-    client = redis.Redis.from_url(settings.redis_url)
+    client = redis.Redis.from_url(settings.redis.redis_url)
     topic = app.topic(settings.topic("scored"), value_serializer="raw", key_serializer="raw")
 
     @app.agent(topic)
     async def noop(stream):
-        async for events in stream.take_events(settings.stream_batch_size, within=settings.stream_batch_within_s):
+        async for events in stream.take_events(settings.stream.stream_batch_size, within=settings.stream.stream_batch_within_s):
             marks = {}
             for e in events:
                 decode("scored", e.message.value)
                 marks[f"{e.message.topic}:{e.message.partition}"] = e.message.offset
-            client.hset(f"{settings.topic_prefix}:stream:hwm", mapping=marks)
+            client.hset(f"{settings.kafka.topic_prefix}:stream:hwm", mapping=marks)
 
     faust.Worker(app, loglevel="warning", quiet=True).execute_from_commandline()
 
@@ -130,8 +130,8 @@ def faust_rate(settings: Settings, n: int, log_path: Path, noop: bool = False) -
     import redis
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("BROADFAST_")} | settings.public_env()
-    client = redis.Redis.from_url(settings.redis_url)
-    argv = [sys.executable, str(Path(__file__).resolve()), "--noop-worker"] if noop else [sys.executable, "-m", "streams.app"]
+    client = redis.Redis.from_url(settings.redis.redis_url)
+    argv = [sys.executable, str(Path(__file__).resolve()), "--noop-worker"] if noop else [sys.executable, "-m", "broadfast.stream.app"]
     with open(log_path, "ab") as out:
         t_start = time.perf_counter()
         proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
@@ -160,10 +160,10 @@ def faust_rate(settings: Settings, n: int, log_path: Path, noop: bool = False) -
 def sampler_latency(settings: Settings, events: list[Scored], batch: int) -> dict[str, float]:
     import redis
 
-    from streams.events import decode, encode
-    from streams.sampler import HardCaseSampler, Source
+    from broadfast.core.events import decode, encode
+    from broadfast.stream.sampler import HardCaseSampler, Source
 
-    client = redis.Redis.from_url(settings.redis_url)
+    client = redis.Redis.from_url(settings.redis.redis_url)
     sampler = HardCaseSampler(settings, client)
     times, decode_times = [], []
     for i in range(0, len(events), batch):
@@ -187,29 +187,29 @@ def feature_reads(settings: Settings, data: Path, reps: int) -> dict[str, dict[s
     from feast.protos.feast.types.EntityKey_pb2 import EntityKey
     from feast.protos.feast.types.Value_pb2 import Value
 
-    from features.definitions import AD_ATTRIBUTE_FEATURES, counter_features
-    from features.store import OnlineFeatures, apply, materialize, push_counters
-    from streams.counters import CounterValues
-    from streams.events import normalize_query
+    from broadfast.features.definitions import AD_ATTRIBUTE_FEATURES, counter_features
+    from broadfast.features.store import OnlineFeatures, apply, materialize, push_counters
+    from broadfast.stream.counters import CounterValues
+    from broadfast.core.events import normalize_query
 
     apply(settings, data)
     materialize(settings)
     df = load_pairs(data)
     reader = OnlineFeatures(settings)
     rng = np.random.default_rng(1)
-    ads_all = df["product_id"].unique().tolist()
+    ads_all = df["ad_id"].unique().tolist()
     queries = df["query"].unique().tolist()
     values = {("ad", a): CounterValues(int(rng.integers(50)), int(rng.integers(50)), int(rng.integers(5))) for a in ads_all}
     values |= {("query", normalize_query(q)): CounterValues(10, 10, 1) for q in queries}
     push_counters(reader.store, values, {k: 0 for k in values})
 
-    project = settings.feast_project
+    project = settings.features.feast_project
     version = reader.store.config.entity_key_serialization_version
     ad_views = {"ad_attributes": AD_ATTRIBUTE_FEATURES, "ad_stream_counters": counter_features("ad")}
     ad_fields = [_mmh3(f"{v}:{f}") for v, fs in ad_views.items() for f in fs] + [f"_ts:{v}" for v in ad_views]
     q_fields = [_mmh3(f"query_stream_counters:{f}") for f in counter_features("query")] + ["_ts:query_stream_counters"]
     names = [f for fs in ad_views.values() for f in fs]
-    client = redis.Redis.from_url(settings.redis_url)
+    client = redis.Redis.from_url(settings.redis.redis_url)
 
     def key(join: str, value: str) -> bytes:
         return serialize_entity_key(EntityKey(join_keys=[join], entity_values=[Value(string_val=value)]), entity_key_serialization_version=version) + project.encode()
@@ -251,7 +251,7 @@ def feature_reads(settings: Settings, data: Path, reps: int) -> dict[str, dict[s
     try:
         import torch
 
-        from training.embedder import Embedder
+        from broadfast.model.embedder import Embedder
 
         torch.set_num_threads(1)
         emb = Embedder()
@@ -280,7 +280,7 @@ def main() -> None:
         noop_worker(Settings())
         return
 
-    from streams.stack import EmbeddedStack
+    from broadfast.devstack.stack import EmbeddedStack
 
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="bf-bench-stream-") as tmp:
@@ -288,10 +288,7 @@ def main() -> None:
         stack = EmbeddedStack(Settings(home=home, topic_partitions=3))
         state, _ = stack.up()
         try:
-            base = Settings(
-                home=home, kafka_bootstrap=state.env["BROADFAST_KAFKA_BOOTSTRAP"], kafka_flavor="tansu", redis_url=state.env["BROADFAST_REDIS_URL"],
-                stream_web_port=0, feast_data=home / "feast", data=args.data,
-            )
+            base = state.settings(Settings(home=home), stream_web_port=0, feast_data=home / "feast", data=args.data)
             events = make_events(args.data, args.events)
             print(f"{len(events)} scored events from {args.data.name}")
             runs = {}
@@ -299,7 +296,7 @@ def main() -> None:
                 s = base.model_copy(update={"topic_prefix": prefix, "stream_push_features": push})
                 produce(s, events)
                 if push:
-                    from features.store import apply
+                    from broadfast.features.store import apply
 
                     apply(s, args.data)
                 runs[prefix] = s

@@ -8,7 +8,7 @@ p50/p99 latency, pairs/s, bulk pairs/s (1,000 pairs, batch 128), and the ratio t
 no-extractor baseline of the same run. A micro-benchmark times the extractor module
 alone on the token states of a 50-candidate batch: the latency it adds.
 
-With ``--backends torch,onnx-int8`` it compares inference backends (:mod:`serving.backends`)
+With ``--backends torch,onnx-int8`` it compares inference backends (:mod:`broadfast.serving.backends`)
 instead, on one student (``--model DIR``, a trained model folder, copied aside first; default:
 the packaged MiniLM student with an untrained head): the same latency figures, interleaved
 request by request, plus each backend's dev quality (Spearman, NDCG@10) on whole queries of
@@ -33,9 +33,9 @@ import numpy as np
 import torch
 
 from benchmarks.common import invocation, markdown_table, write_result
-from streams.datasets import load_pairs
-from training.distill import pair_texts
-from training.student import StudentConfig, build_student, load_student, save_student
+from broadfast.core.datasets import load_pairs
+from broadfast.model.student import pair_texts
+from broadfast.model.student import StudentConfig, build_student, load_student, save_student
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -183,9 +183,9 @@ def compare_backends(args: argparse.Namespace, requests, bulk_q: list[str], bulk
     """Latency and dev quality of each backend on one student, interleaved in the same run."""
     from scipy.stats import spearmanr
 
-    from serving.backends import load_backend
-    from serving.onnx_int8 import OnnxInt8Backend
-    from training.metrics import evaluate
+    from broadfast.serving.backends import load_backend
+    from broadfast.serving.onnx_int8 import OnnxInt8Backend
+    from broadfast.training.metrics import evaluate
 
     names = args.backends.split(",")
     dev = quality_slice(Path(args.data), args.quality_pairs, args.seed)

@@ -37,12 +37,12 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 
 def dev_pairs(data: Path, n: int, seed: int = 0):
-    from streams.datasets import load_pairs
-    from streams.events import pair_id
-    from training.teacher.mpcot import Pair
+    from broadfast.core.datasets import load_pairs
+    from broadfast.core.events import pair_id
+    from broadfast.teacher.mpcot import Pair
 
     df = load_pairs(data, require_grade=True).sample(n=n, random_state=seed).reset_index(drop=True)
-    pairs = [Pair(pair_id(q, a), q, a, t, d) for q, a, t, d in zip(df["query"], df["product_id"], df["title"], df["description"])]
+    pairs = [Pair(pair_id(q, a), q, a, t, d) for q, a, t, d in zip(df["query"], df["ad_id"], df["title"], df["text"])]
     return pairs, df
 
 
@@ -52,7 +52,7 @@ def save(out: dict) -> None:
 
 
 def run_labels(teacher, pairs, chunk: int):
-    from training.teacher.mpcot import Label
+    from broadfast.teacher.mpcot import Label
 
     results, tokens = [], 0
     t0 = time.perf_counter()
@@ -67,8 +67,8 @@ def run_labels(teacher, pairs, chunk: int):
 def agreement(results, df) -> dict:
     from scipy.stats import spearmanr
 
-    from streams.events import score_from_probs
-    from training.teacher.mpcot import Label
+    from broadfast.core.events import score_from_probs
+    from broadfast.teacher.mpcot import Label
 
     idx = [i for i, r in enumerate(results) if isinstance(r, Label)]
     if not idx:
@@ -100,17 +100,17 @@ def speed_rows(name: str, fast_teacher, slow_teacher, pairs, fast_chunk: int) ->
 def bench_vllm(args, pairs, df, out: dict) -> None:
     from contextlib import nullcontext
 
-    from broadfast.settings import Settings
-    from training.teacher.errors import TeacherUnavailable
-    from training.teacher.mpcot import LLMTeacher
-    from training.teacher.vllm_backend import VLLMEngine
-    from training.teacher.vllm_server import SERVED_NAME, vllm_python, vllm_server
+    from broadfast.core.settings import Settings
+    from broadfast.teacher.errors import TeacherUnavailable
+    from broadfast.teacher.mpcot import LLMTeacher
+    from broadfast.teacher.vllm_backend import VLLMEngine
+    from broadfast.teacher.vllm_server import SERVED_NAME, vllm_python, vllm_server
 
     url = os.environ.get("BROADFAST_TEACHER_URL")
     if url:
         ctx = nullcontext(url)
     else:
-        venv = Path(Settings().teacher_vllm_venv).expanduser()
+        venv = Path(Settings().teacher.teacher_vllm_venv).expanduser()
         try:
             vllm_python(venv)
         except TeacherUnavailable as exc:
@@ -136,8 +136,8 @@ def bench_vllm(args, pairs, df, out: dict) -> None:
 def bench_transformers(args, pairs, df, out: dict) -> None:
     import torch
 
-    from training.teacher.hf_backend import TransformersEngine
-    from training.teacher.mpcot import LLMTeacher
+    from broadfast.teacher.hf_backend import TransformersEngine
+    from broadfast.teacher.mpcot import LLMTeacher
 
     torch.set_num_threads(1)
     engine = TransformersEngine.load(batch_size=12, threads=1)
@@ -155,7 +155,7 @@ def bench_transformers(args, pairs, df, out: dict) -> None:
 
 
 def bench_oracle(args, pairs, df, out: dict) -> None:
-    from training.teacher.oracle import OracleTeacher
+    from broadfast.simulation.oracle import OracleTeacher
 
     oracle = OracleTeacher.from_file(args.data)
     results, _ = run_labels(oracle, pairs, 64)
@@ -233,9 +233,9 @@ def main() -> None:
     ap.add_argument("--min-mass", type=float, default=None, help="Least grade-token mass of a usable perspective [BROADFAST_TEACHER_MIN_MASS].")
     args = ap.parse_args()
     if args.min_mass is None:
-        from broadfast.settings import Settings
+        from broadfast.core.settings import Settings
 
-        args.min_mass = Settings().teacher_min_mass
+        args.min_mass = Settings().teacher.teacher_min_mass
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     store = RESULTS / "teacher.json"

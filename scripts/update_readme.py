@@ -1,4 +1,4 @@
-"""Regenerate the README's settings table from broadfast.settings (run after adding a setting)."""
+"""Regenerate the README's settings table from broadfast.core.settings (run after adding a setting)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from broadfast.settings import settings_table  # noqa: E402
+from broadfast.core.settings import settings_table  # noqa: E402
 
 START, END = "<!-- settings:start -->", "<!-- settings:end -->"
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from broadfast.settings import Settings
+from broadfast.core.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("BROADFAST_TEST_DATA", REPO.parent / "shared" / "data"))
@@ -24,7 +24,7 @@ SHARED_DATA = Path(os.environ.get("BROADFAST_TEST_DATA", REPO.parent / "shared" 
 @pytest.fixture(autouse=True)
 def _fresh_settings() -> Iterator[None]:
     """Each test reads the environment afresh (the process settings are cached)."""
-    from broadfast.settings import reset_settings
+    from broadfast.core.settings import reset_settings
 
     reset_settings()
     yield
@@ -47,19 +47,13 @@ def stack_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def stack(stack_home: Path) -> Iterator[Settings]:
     """The real embedded broker and Redis for this test session; settings that point at them."""
-    from streams.stack import EmbeddedStack
+    from broadfast.devstack.stack import EmbeddedStack
 
     base = Settings(home=stack_home, topic_partitions=3)
     embedded = EmbeddedStack(base)
     state, _ = embedded.up()
     try:
-        yield base.model_copy(
-            update={
-                "kafka_bootstrap": state.env["BROADFAST_KAFKA_BOOTSTRAP"],
-                "kafka_flavor": "tansu",
-                "redis_url": state.env["BROADFAST_REDIS_URL"],
-            }
-        )
+        yield state.settings(base)
     finally:
         embedded.down()
 
@@ -69,11 +63,11 @@ def bus_settings(stack: Settings) -> Settings:
     """Settings with a topic prefix of this test's own (its topics created) and a clean Redis."""
     import redis
 
-    from streams.bus import ensure_topics
+    from broadfast.core.bus import ensure_topics
 
     settings = stack.model_copy(update={"topic_prefix": f"t{uuid.uuid4().hex[:10]}"})
     ensure_topics(settings)
-    client = redis.Redis.from_url(settings.redis_url)
+    client = redis.Redis.from_url(settings.redis.redis_url)
     client.flushdb()
     client.close()
     return settings
@@ -90,7 +84,7 @@ def read_topic(settings: Settings, topic: str, *, expect: int | None = None, tim
 
     consumer = KafkaConsumer(
         settings.topic(topic),
-        bootstrap_servers=settings.kafka_bootstrap,
+        bootstrap_servers=settings.kafka.kafka_bootstrap,
         auto_offset_reset="earliest",
         enable_auto_commit=False,
         group_id=None,

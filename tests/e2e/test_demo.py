@@ -16,11 +16,11 @@ from pathlib import Path
 import psutil
 import pytest
 
-from broadfast.settings import Settings
-from monitoring.dashboards import PANELS
-from monitoring.window import MODEL_COLUMNS
-from monitoring.workspace import DRIFT_PROJECT, open_workspace, project_id
-from serving.backends import resolve_backend
+from broadfast.core.settings import Settings
+from broadfast.monitoring.dashboards import PANELS
+from broadfast.monitoring.window import MODEL_COLUMNS
+from broadfast.monitoring.workspace import DRIFT_PROJECT, open_workspace, project_id
+from broadfast.serving.backends import resolve_backend
 from tests.monitoring.test_ui import artifacts, assert_dashboard_shows_data, serve_ui  # noqa: F401  (artifacts: the fixture)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

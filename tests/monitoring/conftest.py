@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from monitoring.simulate import noisy_oracle, score_pairs
-from streams.datasets import load_pairs
+from broadfast.simulation.clicks import noisy_oracle, score_pairs
+from broadfast.core.datasets import load_pairs
 
 
 @pytest.fixture(scope="session")

@@ -10,10 +10,10 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from broadfast.settings import Settings
-from monitoring.ab import arm_column, compare, two_proportion_z, wilson_interval
-from monitoring.simulate import noisy_oracle, shuffled, simulate_ab
-from serving.experiments import Experiment
+from broadfast.core.settings import Settings
+from broadfast.monitoring.ab import arm_column, compare, two_proportion_z, wilson_interval
+from broadfast.simulation.clicks import noisy_oracle, shuffled, simulate_ab
+from broadfast.core.experiments import Experiment
 
 EXP = Experiment("exp-test", "v-champ", "v-chall", 0.5, "salt", "running", 0.0)
 GOOD = noisy_oracle()
@@ -26,9 +26,9 @@ def settings(tmp_path) -> Settings:
 
 def labels_for(scored: pd.DataFrame, df: pd.DataFrame, n: int = 400) -> pd.DataFrame:
     """Teacher labels (the oracle teacher: the human grade) for some scored pairs."""
-    from streams.events import pair_id
+    from broadfast.core.events import pair_id
 
-    grades = df.drop_duplicates(["query", "product_id"]).set_index(["query", "product_id"])["grade"]
+    grades = df.drop_duplicates(["query", "ad_id"]).set_index(["query", "ad_id"])["grade"]
     pairs = scored.drop_duplicates(["query", "ad_id"]).head(n)
     return pd.DataFrame({"pair_id": [pair_id(q, a) for q, a in zip(pairs["query"], pairs["ad_id"])], "label": [grades[(q, a)] for q, a in zip(pairs["query"], pairs["ad_id"])]})
 
@@ -49,7 +49,7 @@ def test_worse_challenger_is_rolled_back(settings: Settings, homedepot_dev: pd.D
     assert result.verdict == "roll_back"
     assert "significantly below" in result.reason and result.guardrails
     champ, chall = result.arms["champion"], result.arms["challenger"]
-    assert chall.ctr < champ.ctr and result.p_value < settings.ab_alpha and result.ctr_lift < 0
+    assert chall.ctr < champ.ctr and result.p_value < settings.monitoring.ab_alpha and result.ctr_lift < 0
     assert champ.ctr_ci95[0] < champ.ctr < champ.ctr_ci95[1]
     # shuffling keeps the score distribution; the grades it predicts no longer match the labels
     assert abs(chall.score_mean - champ.score_mean) < 0.02

@@ -9,11 +9,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from broadfast.settings import Settings
-from monitoring.drift import drift_report, write_report
-from monitoring.errors import WindowError
-from monitoring.window import drift_frame, query_frequency_bucket, window_from_pairs
-from monitoring.workspace import (
+from broadfast.core.settings import Settings
+from broadfast.monitoring.drift import drift_report, write_report
+from broadfast.monitoring.errors import WindowError
+from broadfast.monitoring.window import drift_frame, query_frequency_bucket, window_from_pairs
+from broadfast.monitoring.workspace import (
     DRIFT_PROJECT,
     open_workspace,
     project_id,
@@ -32,7 +32,7 @@ def test_same_distribution_does_not_drift(settings: Settings, homedepot_train: p
     result = drift_report(window_from_pairs(scored(ref, 1)), window_from_pairs(scored(cur, 2)), settings)
     s = result.summary
     assert s["drift_detected"] is False, s["drifted_columns"]
-    assert s["drifted_share"] < settings.drift_share
+    assert s["drifted_share"] < settings.monitoring.drift_share
     assert {"query_tokens", "title_tokens", "token_overlap", "query_freq", "score", "pred_grade", "label_agreement"} <= set(s["tested_columns"])
     assert s["reference"]["sampled_rows"] == 5000 and s["reference"]["rows"] == len(ref)
     # the current means the drift dashboard plots (MeanValue, no tests of their own)
@@ -46,7 +46,7 @@ def test_same_distribution_does_not_drift(settings: Settings, homedepot_train: p
 def test_a_version_without_its_own_reference_still_reports_its_current_means(settings: Settings, homedepot_train: pd.DataFrame) -> None:
     """A version too new for its own reference: its model columns are not tested for drift, but the mean
     score, agreement and hard-case rate the dashboard plots are still in the report."""
-    from monitoring.window import MODEL_COLUMNS
+    from broadfast.monitoring.window import MODEL_COLUMNS
 
     ref, cur = split_by_query(homedepot_train)
     mine = window_from_pairs(scored(cur, 2))
@@ -63,7 +63,7 @@ def test_another_data_set_drifts(settings: Settings, homedepot_train: pd.DataFra
     s = result.summary
     assert s["drift_detected"] is True
     assert {"query_tokens", "title_tokens"} <= set(s["drifted_columns"])
-    assert s["drifted_share"] >= settings.drift_share
+    assert s["drifted_share"] >= settings.monitoring.drift_share
     for name in s["drifted_columns"]:
         assert s["columns"][name]["drifted"] and s["columns"][name]["score"] is not None
 

@@ -11,16 +11,16 @@ import pandas as pd
 import pytest
 import torch
 
-from broadfast.settings import Settings
-from monitoring.loop import LOOP_FIGURES, loop_report, traffic_figures
-from monitoring.monitor import Monitor
-from monitoring.simulate import noisy_oracle, simulate_ab, to_events
-from monitoring.traffic import TrafficWindow
-from monitoring.workspace import DRIFT_PROJECT, open_workspace, project_id
-from serving.experiments import Experiment
-from streams.events import Perspective, TeacherLabel, pair_id
-from training.registry import Registry
-from training.student import StudentConfig, build_student, save_student
+from broadfast.core.settings import Settings
+from broadfast.monitoring.loop import LOOP_FIGURES, loop_report, traffic_figures
+from broadfast.monitoring.monitor import Monitor
+from broadfast.simulation.clicks import noisy_oracle, simulate_ab, to_events
+from broadfast.monitoring.traffic import TrafficWindow
+from broadfast.monitoring.workspace import DRIFT_PROJECT, open_workspace, project_id
+from broadfast.core.experiments import Experiment
+from broadfast.core.events import Perspective, TeacherLabel, pair_id
+from broadfast.model.registry import Registry
+from broadfast.model.student import StudentConfig, build_student, save_student
 
 SOLO = Experiment("none", "v0001", "v-chall", 1e-9, "salt", "running", 0.0)
 

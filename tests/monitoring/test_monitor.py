@@ -9,15 +9,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from broadfast.settings import Settings
-from monitoring.drift import drift_report
-from monitoring.monitor import Monitor
-from monitoring.simulate import noisy_oracle, shuffled, simulate_ab, to_events
-from monitoring.traffic import TrafficWindow, read_recent
-from monitoring.window import window_from_pairs, window_from_traffic
-from monitoring.workspace import TRAFFIC_REFERENCE, load_reference
-from serving.experiments import Experiment, ExperimentStore
-from streams.events import Alert, HardCase, Perspective, TeacherLabel, decode, pair_id
+from broadfast.core.settings import Settings
+from broadfast.monitoring.drift import drift_report
+from broadfast.monitoring.monitor import Monitor
+from broadfast.simulation.clicks import noisy_oracle, shuffled, simulate_ab, to_events
+from broadfast.monitoring.traffic import TrafficWindow, read_recent
+from broadfast.monitoring.window import window_from_pairs, window_from_traffic
+from broadfast.monitoring.workspace import TRAFFIC_REFERENCE, load_reference
+from broadfast.core.experiments import Experiment, ExperimentStore
+from broadfast.core.events import Alert, HardCase, Perspective, TeacherLabel, decode, pair_id
 from tests.conftest import read_topic
 from tests.monitoring.conftest import scored
 
@@ -50,7 +50,7 @@ def settings(tmp_path: Path) -> Settings:
 
 
 def test_unshifted_traffic_raises_no_alert_and_shifted_traffic_does_when_it_holds(settings: Settings, homedepot_dev: pd.DataFrame, crowdflower_dev: pd.DataFrame) -> None:
-    assert settings.drift_alert_rounds == 2
+    assert settings.monitoring.drift_alert_rounds == 2
     monitor = Monitor(settings, reference=window_from_pairs(scored(homedepot_dev)))
     calm = monitor.run_round(traffic(homedepot_dev, 1000, seed=1))
     assert calm.drift is not None and calm.drift["drift_detected"] is False, calm.drift["drifted_columns"]
@@ -96,7 +96,7 @@ def test_stationary_traffic_across_a_model_swap_raises_no_drift(settings: Settin
 
 @pytest.mark.integration
 def test_monitor_rolls_back_a_worse_challenger_through_the_broker(bus_settings: Settings, homedepot_dev: pd.DataFrame, tmp_path: Path) -> None:
-    from streams.bus import EventBus
+    from broadfast.core.bus import EventBus
 
     settings = bus_settings.model_copy(update={"home": tmp_path / "home", "monitor_interval_s": 2.0, "monitor_sample_rows": 5000, "ab_min_impressions": 500})
     store = ExperimentStore.from_settings(settings)
@@ -104,14 +104,14 @@ def test_monitor_rolls_back_a_worse_challenger_through_the_broker(bus_settings: 
     scored_df, clicks = simulate_ab(homedepot_dev, exp, {"champion": GOOD, "challenger": shuffled(GOOD)}, n_requests=1500, seed=7)
     store.record(exp.experiment_id, "champion", ok=True, n=700)
     store.record(exp.experiment_id, "challenger", ok=True, n=800)
-    grades = homedepot_dev.set_index(["query", "product_id"])["grade"]
+    grades = homedepot_dev.set_index(["query", "ad_id"])["grade"]
     pairs = scored_df.drop_duplicates(["query", "ad_id"]).head(200)
     with EventBus(settings) as bus:
         for event in to_events(scored_df, clicks):
             bus.publish(event)
         for q, a in zip(pairs["query"], pairs["ad_id"]):
             bus.publish(label(q, a, int(grades[(q, a)])))
-        bus.publish(HardCase(pair_id=pair_id(pairs["query"].iloc[0], pairs["ad_id"].iloc[0]), query=pairs["query"].iloc[0], ad_id=pairs["ad_id"].iloc[0], ad_title="t",
+        bus.publish(HardCase(pair_id=pair_id(pairs["query"].iloc[0], pairs["ad_id"].iloc[0]), query=pairs["query"].iloc[0], ad_id=pairs["ad_id"].iloc[0], title="t",
                              reasons=["uncertain"], student_probs=(0.3, 0.4, 0.3), model_version="v-champ", ts=1.0))
         bus.publish_raw("scored", b'{"not": "a scored event"}', key=b"x")
         bus.flush()
@@ -134,7 +134,7 @@ def test_monitor_rolls_back_a_worse_challenger_through_the_broker(bus_settings: 
 
 
 def test_window_is_bounded_and_stream_counters_are_tested(settings: Settings, homedepot_dev: pd.DataFrame) -> None:
-    from streams.events import Scored
+    from broadfast.core.events import Scored
 
     def window(ctr_shift: float, seed: int) -> TrafficWindow:
         base = traffic(homedepot_dev, 400, seed=seed)
@@ -155,7 +155,7 @@ def test_window_is_bounded_and_stream_counters_are_tested(settings: Settings, ho
 
 
 def scored_rows(window: TrafficWindow) -> list[dict]:
-    from monitoring.traffic import SCORED_FIELDS
+    from broadfast.monitoring.traffic import SCORED_FIELDS
 
     n = len(SCORED_FIELDS)
     return [dict(zip(SCORED_FIELDS, r[:n])) | {"grade_probs": r[n]} for r in window.scored]
@@ -168,9 +168,9 @@ def test_rounds_keep_their_interval_under_traffic_that_never_pauses(settings: Se
 
     from kafka import TopicPartition
 
-    import monitoring.monitor as mon
-    from monitoring.monitor import RoundResult
-    from streams.events import Scored, encode
+    import broadfast.monitoring.monitor as mon
+    from broadfast.monitoring.monitor import RoundResult
+    from broadfast.core.events import Scored, encode
 
     clock = {"t": 0.0}  # monotonic and wall seconds, one per poll
     monkeypatch.setattr(mon.time, "monotonic", lambda: clock["t"])
@@ -180,7 +180,7 @@ def test_rounds_keep_their_interval_under_traffic_that_never_pauses(settings: Se
     class LiveConsumer:  # a record on every poll, stamped now: never idle, never behind
         def poll(self, timeout_ms: int, max_records: int) -> dict:
             clock["t"] += 1.0
-            event = Scored(request_id=f"r{clock['t']:.0f}", ts=1.7e9 + clock["t"], query="drill", ad_id="a1", ad_title="drill bit", position=0, score=0.5,
+            event = Scored(request_id=f"r{clock['t']:.0f}", ts=1.7e9 + clock["t"], query="drill", ad_id="a1", title="drill bit", position=0, score=0.5,
                            grade_probs=(0.2, 0.3, 0.5), model_version="v1", latency_ms=5.0)  # fmt: skip
             return {TopicPartition(topic, 0): [SimpleNamespace(value=encode(event), partition=0, offset=int(clock["t"]), key=b"drill")]}
 

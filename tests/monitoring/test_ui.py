@@ -26,21 +26,21 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from broadfast.settings import Settings
-from monitoring.ab import compare
-from monitoring.dashboards import PANELS
-from monitoring.drift import drift_report
-from monitoring.simulate import noisy_oracle, shuffled, simulate_ab
-from monitoring.loop import loop_report
-from monitoring.window import window_from_pairs
-from monitoring.workspace import (
+from broadfast.core.settings import Settings
+from broadfast.monitoring.ab import compare
+from broadfast.monitoring.dashboards import PANELS
+from broadfast.monitoring.drift import drift_report
+from broadfast.simulation.clicks import noisy_oracle, shuffled, simulate_ab
+from broadfast.monitoring.loop import loop_report
+from broadfast.monitoring.window import window_from_pairs
+from broadfast.monitoring.workspace import (
     AB_PROJECT,
     DRIFT_PROJECT,
     open_workspace,
     project_id,
     save_snapshot,
 )
-from serving.experiments import Experiment
+from broadfast.core.experiments import Experiment
 from tests.monitoring.conftest import lengthen_queries, scored, split_by_query
 from tests.monitoring.test_ab import labels_for
 
@@ -87,11 +87,11 @@ def artifacts(tmp_path: Path) -> Path:
 @contextmanager
 def serve_ui(settings: Settings, tmp_path: Path) -> Iterator[str]:
     """``broadfast ui`` over ``settings.home``'s workspace on a free port; yields its base URL."""
-    host = Settings().ui_host
+    host = Settings().monitoring.ui_host
     port = free_port(host)
     env = os.environ | {"BROADFAST_HOME": str(settings.home), "BROADFAST_UI_PORT": str(port), "BROADFAST_UI_HOST": host}
     log = (tmp_path / "ui.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "broadfast.cli", "ui"], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen([sys.executable, "-m", "broadfast.cli.main", "ui"], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://{host}:{port}"
     try:
         deadline = time.monotonic() + 90
@@ -225,7 +225,7 @@ def test_dashboard_panels_are_written_once(tmp_path: Path) -> None:
     """Opening a project again adds no panel twice, restores an edited one in place and keeps hand-made ones."""
     from evidently.sdk.panels import text_panel
 
-    from monitoring.dashboards import ensure_dashboard
+    from broadfast.monitoring.dashboards import ensure_dashboard
 
     settings = Settings(home=tmp_path / "home")
     ws = open_workspace(settings)

@@ -11,8 +11,8 @@ import pytest
 import torch
 from pydantic import SecretStr
 
-from broadfast.settings import Settings
-from training.student import StudentConfig, build_student, load_student, save_student
+from broadfast.core.settings import Settings
+from broadfast.model.student import StudentConfig, build_student, load_student, save_student
 
 ADMIN_TOKEN = "test-admin-token"
 
@@ -54,12 +54,12 @@ def serve_settings(bus_settings: Settings, tmp_path: Path) -> Settings:
 @contextmanager
 def running(settings: Settings, model_dir: Path | None = None, *, wait_watcher: bool = False) -> Iterator[tuple[str, object]]:
     """A real server (uvicorn on a free loopback port, in a thread): yields (base URL, engine)."""
-    from serving.app import create_app
-    from serving.engine import Engine
-    from serving.server import ServerThread
+    from broadfast.serving.app import create_app
+    from broadfast.serving.engine import Engine
+    from broadfast.serving.server import ServerThread
 
     engine = Engine(settings, model_dir)
-    with ServerThread(create_app(settings, engine=engine), keep_alive_s=settings.serve_keep_alive_s) as server:
+    with ServerThread(create_app(settings, engine=engine), keep_alive_s=settings.serving.serve_keep_alive_s) as server:
         if wait_watcher:
             assert engine.watcher_ready.wait(30), "the model watcher did not get its partitions"
         yield server.url, engine

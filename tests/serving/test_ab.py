@@ -9,13 +9,13 @@ import httpx
 import pytest
 from click.testing import CliRunner
 
-from broadfast.cli import main
-from broadfast.settings import Settings
-from serving.experiments import ExperimentStore, assign, assignment_key
-from streams.events import decode
+from broadfast.cli.main import main
+from broadfast.core.settings import Settings
+from broadfast.core.experiments import ExperimentStore, assign, assignment_key
+from broadfast.core.events import decode
 from tests.conftest import read_topic
 from tests.serving.conftest import ADMIN_TOKEN, running, score_body
-from training.registry import Registry
+from broadfast.model.registry import Registry
 
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
@@ -30,8 +30,8 @@ def wait_for(predicate, timeout_s: float = 30.0) -> None:
 @pytest.fixture
 def cli_env(serve_settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Settings:
     """The environment `broadfast rollout …` reads, pointing at the test's Redis, topics and registry."""
-    for key, value in {"REDIS_URL": serve_settings.redis_url, "TOPIC_PREFIX": serve_settings.topic_prefix, "REGISTRY_ROOT": str(serve_settings.registry_root),
-                       "KAFKA_BOOTSTRAP": serve_settings.kafka_bootstrap, "KAFKA_FLAVOR": "tansu"}.items():  # fmt: skip
+    for key, value in {"REDIS_URL": serve_settings.redis.redis_url, "TOPIC_PREFIX": serve_settings.kafka.topic_prefix, "REGISTRY_ROOT": str(serve_settings.registry_root),
+                       "KAFKA_BOOTSTRAP": serve_settings.kafka.kafka_bootstrap, "KAFKA_FLAVOR": "tansu"}.items():  # fmt: skip
         monkeypatch.setenv(f"BROADFAST_{key}", value)
     return serve_settings
 

@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from serving.server import NoQueryStrings, hide_query_strings
+from broadfast.serving.server import NoQueryStrings, hide_query_strings
 
 
 def test_a_token_in_the_query_string_never_reaches_the_access_log(caplog: pytest.LogCaptureFixture) -> None:

@@ -10,14 +10,14 @@ import numpy as np
 import pandas as pd
 from click.testing import CliRunner
 
-from broadfast.cli import main
-from broadfast.settings import Settings
-from serving.backends import resolve_backend
-from serving.models import device_of
-from streams.datasets import load_pairs
-from streams.events import Scored, decode
+from broadfast.cli.main import main
+from broadfast.core.settings import Settings
+from broadfast.serving.backends import resolve_backend
+from broadfast.serving.models import device_of
+from broadfast.core.datasets import load_pairs
+from broadfast.core.events import Scored, decode
 from tests.conftest import read_topic
-from training.student import DESCRIPTION_CHARS, ad_text
+from broadfast.model.student import DESCRIPTION_CHARS, student_text
 from tests.serving.conftest import ADMIN_TOKEN, metric, running, score_body
 
 
@@ -31,11 +31,11 @@ def test_scores_equal_broadfast_predict_on_the_same_pairs(tiny_model: Path, serv
     got = np.zeros((len(df), 4))
     with running(serve_settings, tiny_model) as (url, _), httpx.Client(base_url=url, timeout=30) as client:
         for query, rows in df.groupby("query", sort=False):
-            body = {"query": query, "ads": [{"ad_id": str(r.product_id), "title": r.title, "text": r.description} for r in rows.itertuples()]}
+            body = {"query": query, "ads": [{"ad_id": str(r.ad_id), "title": r.title, "text": r.text} for r in rows.itertuples()]}
             response = client.post("/v1/score", json=body)
             assert response.status_code == 200, response.text
             results = response.json()["results"]
-            assert [r["ad_id"] for r in results] == [str(p) for p in rows["product_id"]]  # input order
+            assert [r["ad_id"] for r in results] == [str(p) for p in rows["ad_id"]]  # input order
             for i, r in zip(rows.index, results):
                 got[i] = [r["score"], *r["grade_probs"]]
     want = expected[["score", "p_irrelevant", "p_partial", "p_exact"]].to_numpy()
@@ -49,7 +49,7 @@ def test_response_shape_health_readiness_metrics_and_docs(tiny_model: Path, serv
         ready = client.get("/readyz")
         assert ready.status_code == 200 and ready.json()["champion"] == engine.champion_version
         # what the demo's summary reports: the backend the setting resolves to on this device (auto: onnx-int8 on a CPU)
-        assert ready.json()["backend"]["name"] == resolve_backend(serve_settings.serve_backend, device_of(serve_settings))
+        assert ready.json()["backend"]["name"] == resolve_backend(serve_settings.serving.serve_backend, device_of(serve_settings))
         body = score_body("cordless drill", ["drill driver kit", "garden hose"], user_id="u1")
         data = client.post("/v1/score", json=body).json()
         assert set(data) == {"request_id", "model_version", "arm", "experiment_id", "results"}
@@ -134,9 +134,9 @@ def test_every_scored_pair_reaches_relevance_scored(tiny_model: Path, serve_sett
     for body, answer in zip(bodies, answers):
         for pos, (ad, result) in enumerate(zip(body["ads"], answer["results"])):
             e = by_key[(body["request_id"], ad["ad_id"])]
-            assert e.position == pos and e.ad_title == ad["title"] and e.query == body["query"] and e.user_id == body["user_id"]
-            assert ad_text(e.ad_title, e.ad_text) == ad_text(ad["title"], ad.get("text", "")), "the event must carry what the student read"
-            assert len(e.ad_text) <= DESCRIPTION_CHARS
+            assert e.position == pos and e.title == ad["title"] and e.query == body["query"] and e.user_id == body["user_id"]
+            assert student_text(e.title, e.text) == student_text(ad["title"], ad.get("text", "")), "the event must carry what the student read"
+            assert len(e.text) <= DESCRIPTION_CHARS
             assert abs(e.score - result["score"]) < 1e-9 and e.model_version == engine.champion_version
             assert e.arm == "champion" and e.experiment_id is None and e.latency_ms > 0
     assert {r.key for r in records} == {b"drill", b"hose", b"paint"}
@@ -170,7 +170,7 @@ def test_broadfast_serve_runs_the_api_from_the_command_line(tiny_model: Path, se
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = os.environ | serve_settings.public_env() | {"BROADFAST_SERVE_PORT": str(port), "BROADFAST_LOG_LEVEL": "WARNING"}
-    proc = subprocess.Popen([sys.executable, "-m", "broadfast.cli", "serve", "--model", str(tiny_model), "--host", "127.0.0.1"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen([sys.executable, "-m", "broadfast.cli.main", "serve", "--model", str(tiny_model), "--host", "127.0.0.1"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 90
         while True:

@@ -15,16 +15,16 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from broadfast.settings import Settings
-from serving import backends, export, onnx_int8, openvino_int8
-from serving.backends import INT8, MAX_MEAN_SCORE_DIFF, MAX_SCORE_DIFF, META_FILE, MIN_SPEARMAN, RANK_SPREAD, load_backend, resolve_backend
-from serving.errors import BackendError, SwapRefused
-from serving.models import PROBE_PAIRS, load_folder
-from streams.datasets import load_pairs
+from broadfast.core.settings import Settings
+from broadfast.serving import backends, export, onnx_int8, openvino_int8
+from broadfast.serving.backends import INT8, MAX_MEAN_SCORE_DIFF, MAX_SCORE_DIFF, META_FILE, MIN_SPEARMAN, RANK_SPREAD, load_backend, resolve_backend
+from broadfast.serving.errors import BackendError, SwapRefused
+from broadfast.serving.models import PROBE_PAIRS, load_folder
+from broadfast.core.datasets import load_pairs
 from tests.serving.conftest import ADMIN_TOKEN, running, score_body, variant
-from training.distill import pair_texts
-from training.registry import Registry
-from training.student import StudentConfig, build_student, load_student, save_student
+from broadfast.model.student import pair_texts
+from broadfast.model.registry import Registry
+from broadfast.model.student import StudentConfig, build_student, load_student, save_student
 
 PROBE_Q, PROBE_T = [q for q, _ in PROBE_PAIRS], [t for _, t in PROBE_PAIRS]
 
@@ -158,7 +158,7 @@ def test_backend_setting(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_predict_uses_the_backend(folder: Path, shared_data: Path, tmp_path: Path) -> None:
-    from training.predict import predict_file
+    from broadfast.serving.predict import predict_file
 
     data = tmp_path / "pairs.parquet"
     load_pairs(shared_data / "homedepot" / "dev.parquet").iloc[:40].to_parquet(data)

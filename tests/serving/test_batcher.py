@@ -6,11 +6,11 @@ from pathlib import Path
 
 import numpy as np
 
-from serving.batcher import BatchParams, MicroBatcher
-from serving.metrics import ServingMetrics
-from serving.models import LiveModel
+from broadfast.serving.batcher import BatchParams, MicroBatcher
+from broadfast.serving.metrics import ServingMetrics
+from broadfast.serving.models import LiveModel
 from tests.serving.conftest import metric, variant
-from training.student import load_student
+from broadfast.model.student import load_student
 
 
 def jobs_of(n: int, size: int) -> list[tuple[list[str], list[str]]]:

@@ -7,9 +7,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from broadfast.settings import Settings
-from streams.datasets import load_pairs
-from streams.events import decode
+from broadfast.core.settings import Settings
+from broadfast.core.datasets import load_pairs
+from broadfast.core.events import decode
 from tests.conftest import read_topic
 from tests.serving.conftest import metric, running
 
@@ -19,7 +19,7 @@ def test_features_from_feast_are_recorded_and_a_failing_store_never_fails_scorin
 ) -> None:
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", "")  # feast sets it on import; undone after the test
     monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR")
-    from features.store import apply, materialize
+    from broadfast.features.store import apply, materialize
 
     df = load_pairs(shared_data / "homedepot" / "dev.parquet").iloc[:30]
     df.to_parquet(tmp_path / "ads.parquet", index=False)
@@ -27,7 +27,7 @@ def test_features_from_feast_are_recorded_and_a_failing_store_never_fails_scorin
     apply(settings, tmp_path / "ads.parquet")
     materialize(settings)
     row = df.iloc[0]
-    body = {"query": row["query"], "request_id": "r-feat", "ads": [{"ad_id": str(row["product_id"]), "title": row["title"]}, {"ad_id": "never-seen", "title": "x"}]}
+    body = {"query": row["query"], "request_id": "r-feat", "ads": [{"ad_id": str(row["ad_id"]), "title": row["title"]}, {"ad_id": "never-seen", "title": "x"}]}
     with running(settings, tiny_model) as (url, _), httpx.Client(base_url=url, timeout=60) as client:
         assert client.post("/v1/score", json=body).status_code == 200
     events = sorted((decode("scored", r.value) for r in read_topic(settings, "scored", expect=2)), key=lambda e: e.position)

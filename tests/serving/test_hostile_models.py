@@ -2,7 +2,7 @@
 
 Each recipe mutates a copy of a tiny random student (no weights are committed). Its
 ``stage`` says where it must be refused: ``load`` (the checkpoint checks: ``Registry.publish``
-and ``serving.models.load_folder`` both refuse it), ``shapes`` (serving's config check) or
+and ``broadfast.serving.models.load_folder`` both refuse it), ``shapes`` (serving's config check) or
 ``probe`` (it loads, but the probe batch against the live model refuses it). Nothing is
 ever unpickled: ``pickle`` and ``torch.load`` are made to fail for the whole test.
 """
@@ -20,12 +20,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from broadfast.settings import Settings
-from serving.errors import SwapRefused
-from serving.models import LiveModel, load_folder, probe
-from training.errors import CheckpointError, RegistryError
-from training.registry import Registry
-from training.student import CONFIG_FILE, WEIGHTS_FILE, StudentConfig, build_student, save_student
+from broadfast.core.settings import Settings
+from broadfast.serving.errors import SwapRefused
+from broadfast.serving.models import LiveModel, load_folder, probe
+from broadfast.model.errors import CheckpointError, RegistryError
+from broadfast.model.registry import Registry
+from broadfast.model.student import CONFIG_FILE, WEIGHTS_FILE, StudentConfig, build_student, save_student
 
 pytestmark = pytest.mark.integration
 
@@ -140,7 +140,7 @@ def test_hostile_folder_is_refused(recipe: dict[str, Any], good_folder: Path, li
         assert registry.manifests() == [] and registry.store.versions(registry.name) == []
 
     with pytest.raises(SwapRefused) as swap:
-        probe(load_folder(folder, settings), live_model, floor=settings.serve_probe_agreement_floor)
+        probe(load_folder(folder, settings), live_model, floor=settings.serving.serve_probe_agreement_floor)
     assert swap.value.stage == recipe["stage"] and f"at the {recipe['stage']} check" in str(swap.value)
     assert recipe["refused_by"] in swap.value.reason
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from broadfast.settings import Settings
+from broadfast.core.settings import Settings
 from tests.serving.conftest import metric, running, score_body
 
 CORPUS = [json.loads(line) for line in (Path(__file__).resolve().parents[1] / "hostile" / "requests.jsonl").read_text().splitlines() if line.strip()]

@@ -11,14 +11,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from broadfast.settings import Settings
-from serving.errors import SwapRefused
-from serving.models import load_folder
-from streams.bus import EventBus
-from streams.events import Alert, ModelPublished, decode, now
+from broadfast.core.settings import Settings
+from broadfast.serving.errors import SwapRefused
+from broadfast.serving.models import load_folder
+from broadfast.core.bus import EventBus
+from broadfast.core.events import Alert, ModelPublished, decode, now
 from tests.conftest import read_topic
 from tests.serving.conftest import ADMIN_TOKEN, metric, running, score_body
-from training.registry import Registry
+from broadfast.model.registry import Registry
 
 
 def wait_for(predicate, timeout_s: float = 30.0, what: str = "condition") -> None:
@@ -143,8 +143,8 @@ def test_a_checkpoint_that_does_not_match_its_config_is_refused(tiny_model: Path
 def test_a_model_that_scores_everything_alike_fails_the_probe(tiny_model: Path) -> None:
     import torch
 
-    from serving.models import LiveModel, probe
-    from training.student import load_student
+    from broadfast.serving.models import LiveModel, probe
+    from broadfast.model.student import load_student
 
     flat = load_student(tiny_model)
     with torch.no_grad():

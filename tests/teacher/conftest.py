@@ -16,7 +16,7 @@ def smol_tokenizer():
     """The SmolLM2-135M-Instruct tokenizer, read from the packaged GGUF (takes ~20 s once)."""
     from transformers import AutoTokenizer
 
-    from training.teacher.hf_backend import smollm2_gguf_path
+    from broadfast.teacher.hf_backend import smollm2_gguf_path
 
     path = smollm2_gguf_path()
     return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
@@ -56,6 +56,6 @@ def tiny_teacher_dir(smol_tokenizer, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_engine(tiny_teacher_dir):
-    from training.teacher.hf_backend import TransformersEngine
+    from broadfast.teacher.hf_backend import TransformersEngine
 
     return TransformersEngine.load(tiny_teacher_dir, batch_size=12, threads=1)

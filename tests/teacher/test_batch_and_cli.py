@@ -8,12 +8,13 @@ import numpy as np
 import pandas as pd
 from click.testing import CliRunner
 
-from broadfast.cli import main
-from streams.events import pair_id
-from training.teacher.labels import LABEL_COLUMNS, failures_path, label_file
-from training.teacher.mpcot import LLMTeacher
-from training.teacher.oracle import OracleTeacher
-from training.targets import relevance_to_probs
+from broadfast.core.datasets import load_pairs
+from broadfast.cli.main import main
+from broadfast.core.events import pair_id
+from broadfast.teacher.labels import LABEL_COLUMNS, failures_path, label_file
+from broadfast.teacher.mpcot import LLMTeacher
+from broadfast.simulation.oracle import OracleTeacher
+from broadfast.training.targets import relevance_to_probs
 
 
 def test_cli_batch_labels_a_file_with_the_oracle(shared_data, tmp_path, monkeypatch):
@@ -26,9 +27,9 @@ def test_cli_batch_labels_a_file_with_the_oracle(shared_data, tmp_path, monkeypa
     assert summary["labelled"] == 12 and summary["failed"] == 0
     df = pd.read_parquet(out)
     assert set(LABEL_COLUMNS) <= set(df.columns)
-    truth = pd.read_parquet(data).head(12)
-    assert list(df["query"]) == list(truth["query"]) and list(df["product_id"]) == list(truth["product_id"].astype(str))
-    assert list(df["pair_id"]) == [pair_id(q, a) for q, a in zip(truth["query"], truth["product_id"].astype(str))]
+    truth = load_pairs(data).head(12)
+    assert list(df["query"]) == list(truth["query"]) and list(df["ad_id"]) == list(truth["ad_id"].astype(str))
+    assert list(df["pair_id"]) == [pair_id(q, a) for q, a in zip(truth["query"], truth["ad_id"].astype(str))]
     # the raters' mean relevance spread over the neighbouring grades on the file's own scale, smoothed 0.1
     whole = pd.read_parquet(data)["relevance"]
     spread = relevance_to_probs(truth["relevance"].to_numpy(), whole.min(), whole.max())
@@ -47,8 +48,8 @@ def test_cli_refuses_data_without_out(tmp_path):
 
 def test_failures_are_kept_apart_never_invented(tmp_path, tiny_engine):
     data = tmp_path / "pairs.parquet"
-    pd.DataFrame({"query": ["drill", "saw", "hammer"], "product_id": ["1", "2", "3"], "title": ["Drill", "Saw", "Hammer"]}).to_parquet(data)
-    oracle = OracleTeacher.from_frame(pd.DataFrame({"query": ["drill"], "product_id": ["1"], "grade": [0]}), source="toy")
+    pd.DataFrame({"query": ["drill", "saw", "hammer"], "ad_id": ["1", "2", "3"], "title": ["Drill", "Saw", "Hammer"]}).to_parquet(data)
+    oracle = OracleTeacher.from_frame(pd.DataFrame({"query": ["drill"], "ad_id": ["1"], "grade": [0]}), source="toy")
     out = tmp_path / "labels.parquet"
     summary = label_file(oracle, data, out, batch_size=2, progress=False)
     assert (summary["labelled"], summary["failed"]) == (1, 2)

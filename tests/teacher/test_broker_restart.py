@@ -16,12 +16,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from broadfast.settings import Settings
-from streams.labeler import Labeler
-from streams.stack import EmbeddedStack
+from broadfast.core.settings import Settings
+from broadfast.teacher.worker import Labeler
+from broadfast.devstack.stack import EmbeddedStack
 from tests.conftest import read_topic
 from tests.teacher.test_worker import hard_case, publish
-from training.teacher.oracle import OracleTeacher
+from broadfast.simulation.oracle import OracleTeacher
 
 pytestmark = pytest.mark.integration
 
@@ -39,7 +39,7 @@ def own_stack(tmp_path: Path) -> Iterator[tuple[EmbeddedStack, Settings]]:
 
 def test_the_labeler_survives_a_broker_restart_and_labels_what_comes_after(own_stack: tuple[EmbeddedStack, Settings]) -> None:
     stack, settings = own_stack
-    oracle = OracleTeacher.from_frame(pd.DataFrame({"query": ["hammer", "saw"], "product_id": ["h1", "s1"], "grade": [2, 1]}), source="toy.parquet")
+    oracle = OracleTeacher.from_frame(pd.DataFrame({"query": ["hammer", "saw"], "ad_id": ["h1", "s1"], "grade": [2, 1]}), source="toy.parquet")
     before, after = hard_case("hammer", "h1", "Estwing Hammer"), hard_case("saw", "s1", "Hand saw")
     publish(settings, [before])
     worker = Labeler(settings, oracle)
@@ -69,11 +69,11 @@ def test_the_labeler_survives_a_broker_restart_and_labels_what_comes_after(own_s
 
 
 def test_the_online_trainer_survives_a_broker_restart_and_publishes_again(own_stack: tuple[EmbeddedStack, Settings], tmp_path: Path) -> None:
-    from streams import events as ev
+    from broadfast.core import events as ev
     from tests.training.test_online import labels_for, tiny_data
-    from training.online import run_online
-    from training.registry import Registry
-    from training.student import StudentConfig, build_student, save_student
+    from broadfast.training.online import run_online
+    from broadfast.model.registry import Registry
+    from broadfast.model.student import StudentConfig, build_student, save_student
 
     stack, base = own_stack
     data = tiny_data(tmp_path)
@@ -122,9 +122,9 @@ def test_replay_across_a_broker_restart_accounts_for_every_event(own_stack: tupl
     """Every event the frontend sends is either acknowledged or counted as lost — none is silently
     assumed sent. (Events the old broker had acknowledged are gone with its in-memory log: that is
     the embedded development broker, not the producer; a broker with a disk keeps them.)"""
-    from streams.bus import EventBus
-    from streams.replay import Replayer, plan_requests
-    from tests.streams.test_replay import tiny_pairs
+    from broadfast.core.bus import EventBus
+    from broadfast.simulation.replay import Replayer, plan_requests
+    from tests.simulation.test_replay import tiny_pairs
 
     stack, settings = own_stack
     result: dict = {}

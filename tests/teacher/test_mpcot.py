@@ -7,10 +7,10 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from training.teacher.errors import TemplateError
-from training.teacher.mpcot import (
+from broadfast.teacher.engine import Generation, SamplingParams
+from broadfast.teacher.errors import TemplateError
+from broadfast.teacher.mpcot import (
     PERSPECTIVES,
-    Generation,
     Label,
     LabelFailure,
     LLMTeacher,
@@ -144,6 +144,7 @@ class ScriptedEngine:
     tops: dict[str, object]
     model_name: str = "scripted"
     calls: list = field(default_factory=list)
+    params: list = field(default_factory=list)
 
     def _pick(self, table, prompt, default):
         for needle, value in table.items():
@@ -151,12 +152,14 @@ class ScriptedEngine:
                 return value
         return default
 
-    def generate(self, prompts, *, max_tokens, stop, temperature, seed):
+    def generate(self, prompts, params: SamplingParams):
         self.calls.append(("generate", len(prompts)))
+        self.params.append(params)
         return [self._pick(self.texts, p, Generation(" It matches the query.", 5)) for p in prompts]
 
-    def top_logprobs(self, prompts, *, positions, k, include=()):
+    def top_logprobs(self, prompts, params: SamplingParams):
         self.calls.append(("top_logprobs", len(prompts)))
+        self.params.append(params)
         return [self._pick(self.tops, p, [{" ": -0.01}, {"2": -0.1, "1": -2.5, "0": -4.0}]) for p in prompts]
 
 
@@ -168,6 +171,9 @@ def test_llm_teacher_labels_and_aggregates():
     assert [p.name for p in lab.perspectives] == list(PERSPECTIVES)
     assert all(p.rationale == "It matches the query." for p in lab.perspectives)
     assert lab.probs[2] > 0.8 and sum(lab.probs) == pytest.approx(1.0)
+    rationale, grade = eng.params
+    assert rationale.max_tokens == teacher.max_tokens and rationale.stop == tuple(teacher.template.stop) and rationale.logprobs == 0
+    assert grade.max_tokens == 3 and grade.logprobs == 20 and grade.logprob_tokens == tuple(teacher.template.grade_tokens)
     assert lab.tokens == 15
     assert eng.calls == [("generate", 3), ("top_logprobs", 3)]
     assert lab.teacher_id.startswith("test:scripted@mpcot-v1")
@@ -248,22 +254,23 @@ def test_min_mass_must_be_a_share():
 
 
 def test_make_teacher_takes_the_mass_minimum_from_the_settings(monkeypatch):
-    from broadfast.settings import Settings
-    from training.teacher import mpcot
+    from broadfast.core.settings import Settings
+    from broadfast.cli.teacher import make_teacher
 
     class FakeEngine:
         model_name = "fake"
 
         @classmethod
-        def from_settings(cls, settings):
+        def from_settings(cls, teacher, threads=1):
+            assert teacher.teacher_min_mass == 0.25  # the teacher's own section
             return cls()
 
-    import training.teacher.hf_backend as hf
+    import broadfast.teacher.hf_backend as hf
 
     monkeypatch.setattr(hf, "TransformersEngine", FakeEngine)
-    teacher = mpcot.make_teacher(Settings(teacher_min_mass=0.25), backend="transformers")
+    teacher = make_teacher(Settings(teacher_min_mass=0.25), backend="transformers")
     assert teacher.min_mass == 0.25
-    assert Settings().teacher_min_mass == 0.5
+    assert Settings().teacher.teacher_min_mass == 0.5
     with pytest.raises(ValueError):
         Settings(teacher_min_mass=1.2)
 
@@ -280,8 +287,8 @@ def test_weights_from_settings_change_the_aggregate():
 def test_mass_confidence_and_failures_travel_in_the_event():
     import numpy as np
 
-    from streams.events import decode, encode
-    from training.teacher.labels import to_event
+    from broadfast.core.events import decode, encode
+    from broadfast.teacher.labels import to_event
 
     eng = ScriptedEngine({}, {"shopper's intent": SURE_2, "Compare attributes": [{"0": math.log(0.6), "1": math.log(0.2), "x": math.log(0.2)}], "store rules": UNSURE})
     [lab] = LLMTeacher(engine=eng, backend="test", min_mass=0.5).label([PAIR])

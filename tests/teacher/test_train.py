@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+from broadfast.teacher.engine import SamplingParams
+
 import json
 
 import pandas as pd
 import pytest
 import torch
 
-from streams.events import pair_id
-from training.teacher.errors import LabelDataError
-from training.teacher.mpcot import Rules, load_template
-from training.teacher.train import (
+from broadfast.core.events import pair_id
+from broadfast.teacher.errors import LabelDataError
+from broadfast.teacher.mpcot import Rules, load_template
+from broadfast.teacher.train import (
     CONFIG_FILE,
     TeacherTrainConfig,
     _batch,
@@ -27,9 +29,9 @@ from training.teacher.train import (
 DATA = pd.DataFrame(
     {
         "query": ["cordless drill", "paint roller", "deck screws"],
-        "product_id": ["a1", "a2", "a3"],
+        "ad_id": ["a1", "a2", "a3"],
         "title": ["DEWALT Cordless Drill", "Roller Frame", "Wood Glue"],
-        "description": ["", "", ""],
+        "text": ["", "", ""],
         "grade": [2, 1, 0],
     }
 )
@@ -39,11 +41,11 @@ ONE_HOT = {0: [0.8, 0.1, 0.1], 1: [0.1, 0.8, 0.1], 2: [0.1, 0.1, 0.8]}
 
 def label_frame(grades_per_row: list[list[int]], tag: str) -> pd.DataFrame:
     rows = []
-    for (q, a), grades in zip(zip(DATA["query"], DATA["product_id"]), grades_per_row):
+    for (q, a), grades in zip(zip(DATA["query"], DATA["ad_id"]), grades_per_row):
         rows.append(
             {
                 "query": q,
-                "product_id": a,
+                "ad_id": a,
                 "pair_id": pair_id(q, a),
                 "perspectives": NAMES,
                 "rationales": [f"{tag} rationale {n} says {g}." for n, g in zip(NAMES, grades)],
@@ -62,7 +64,7 @@ def test_sft_examples_keep_only_agreeing_rationales_with_the_human_grade():
     ex = sft_examples([RIGHT], DATA, T, R)
     assert len(ex) == 7
     prompt, completion = ex[0]
-    assert prompt.startswith(T.prefix(pd.Series(DATA.iloc[0]).pipe(lambda r: __import__("training.teacher.mpcot", fromlist=["Pair"]).Pair(pair_id(r.query, r.product_id), r.query, r.product_id, r.title))))
+    assert prompt.startswith(T.prefix(pd.Series(DATA.iloc[0]).pipe(lambda r: __import__("broadfast.teacher.mpcot", fromlist=["Pair"]).Pair(pair_id(r.query, r.ad_id), r.query, r.ad_id, r.title))))
     assert completion == " good rationale user_intent says 2.\nGrade: 2<|im_end|>"
     assert not any("says 1." in c for p, c in ex if "cordless drill" in p and "store rules" in p)
 
@@ -89,10 +91,10 @@ def test_sft_runs_end_to_end_and_lowers_the_loss(tiny_teacher_dir, tmp_path):
     assert saved["kind"] == "sft" and saved["examples"] == 7
     assert (out / "model.safetensors").exists()
     # the saved folder is a teacher the transformers backend loads
-    from training.teacher.hf_backend import TransformersEngine
+    from broadfast.teacher.hf_backend import TransformersEngine
 
     eng = TransformersEngine.load(out)
-    assert eng.model_name == "sft" and eng.generate(["Query: drill"], max_tokens=3, stop=[], temperature=0.0, seed=None)[0].tokens > 0
+    assert eng.model_name == "sft" and eng.generate(["Query: drill"], SamplingParams(max_tokens=3))[0].tokens > 0
 
 
 def test_dpo_runs_end_to_end_and_prefers_the_chosen(tiny_teacher_dir, tmp_path):
@@ -123,7 +125,7 @@ def test_nothing_to_train_on_is_refused(tiny_teacher_dir, tmp_path):
 def test_cli_sft_then_dpo_on_label_files(tiny_teacher_dir, tmp_path):
     from click.testing import CliRunner
 
-    from broadfast.cli import main
+    from broadfast.cli.main import main
 
     data = tmp_path / "pairs.parquet"
     DATA.to_parquet(data)

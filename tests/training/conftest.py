@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from streams.datasets import load_pairs
-from streams.events import pair_id
+from broadfast.core.datasets import load_pairs
+from broadfast.core.events import pair_id
 
 
 @pytest.fixture(scope="session")
@@ -28,7 +28,7 @@ def make_labels(df: pd.DataFrame, k: int = 3, dim: int = 384, seed: int = 0, wit
     rng = np.random.default_rng(seed)
     probs = np.full((len(df), 3), 0.1)
     probs[np.arange(len(df)), df["grade"].to_numpy()] = 0.8
-    rows = {"pair_id": [pair_id(q, a) for q, a in zip(df["query"], df["product_id"])], "probs": [p.tolist() for p in probs]}
+    rows = {"pair_id": [pair_id(q, a) for q, a in zip(df["query"], df["ad_id"])], "probs": [p.tolist() for p in probs]}
     if with_embeddings:
         emb = rng.normal(size=(len(df), k, dim))
         emb /= np.linalg.norm(emb, axis=-1, keepdims=True)

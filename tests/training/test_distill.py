@@ -9,11 +9,12 @@ import pandas as pd
 import pytest
 import torch
 
-from training.distill import TrainConfig, bucketed_batches, pair_texts, train_offline_frame
-from training.errors import CheckpointError, LabelsError
-from training.losses import LossConfig
-from training.student import StudentConfig, load_student
-from training.targets import human_targets, label_targets, read_labels, relevance_to_probs
+from broadfast.model.student import pair_texts
+from broadfast.training.distill import TrainConfig, bucketed_batches, train_offline_frame
+from broadfast.model.errors import CheckpointError, LabelsError
+from broadfast.training.losses import LossConfig
+from broadfast.model.student import StudentConfig, load_student
+from broadfast.training.targets import human_targets, label_targets, read_labels, relevance_to_probs
 
 from .conftest import make_labels
 
@@ -72,7 +73,7 @@ def read_labels_frame(pairs: pd.DataFrame, tmp_path: Path) -> pd.DataFrame:
 
 
 def load_student_fresh():
-    from training.student import build_student
+    from broadfast.model.student import build_student
 
     torch.manual_seed(0)
     return build_student(StudentConfig.tiny(dropout=0.0))
@@ -136,7 +137,7 @@ def test_bad_labels_are_refused_clearly(pairs: pd.DataFrame, tmp_path: Path) -> 
 
 
 def test_rationale_texts_are_embedded_when_embeddings_are_absent(pairs: pd.DataFrame, tmp_path: Path) -> None:
-    from training.embedder import shared_embedder
+    from broadfast.model.embedder import shared_embedder
 
     frame = make_labels(pairs.iloc[:6], with_embeddings=False)
     frame["rationales"] = [[f"the query asks for {q}", "the brand matches", "the product type differs"] for q in pairs["query"].iloc[:6]]

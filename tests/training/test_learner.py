@@ -7,9 +7,9 @@ import pandas as pd
 import pytest
 import torch
 
-from training.learner import LabelRow, LearnerConfig, OnlineLearner
-from training.metrics import evaluate
-from training.student import StudentConfig, build_student
+from broadfast.training.learner import LabelRow, LearnerConfig, OnlineLearner
+from broadfast.training.metrics import evaluate
+from broadfast.model.student import StudentConfig, build_student
 
 WORDS = ["drill", "hose", "lamp", "paint", "saw", "rake", "tile", "fan", "sink", "door", "bolt", "pipe"]
 
@@ -25,7 +25,7 @@ def learnable_pairs(n_queries: int, seed: int) -> pd.DataFrame:
             other = WORDS[(q + 1 + int(rng.integers(0, len(WORDS) - 1))) % len(WORDS)]
             other = other if other != word else WORDS[(WORDS.index(word) + 1) % len(WORDS)]
             title = f"{word} {other} model {a}" if relevant else f"{other} model {a}"
-            rows.append({"query": f"{word} {q}", "title": title, "description": "", "relevance": 3.0 if relevant else 1.0, "grade": 2 if relevant else 0})
+            rows.append({"query": f"{word} {q}", "title": title, "text": "", "relevance": 3.0 if relevant else 1.0, "grade": 2 if relevant else 0})
     return pd.DataFrame(rows)
 
 
@@ -107,12 +107,12 @@ def test_the_labels_that_poison_a_step_are_named_and_never_replayed() -> None:
 
 def test_the_settings_reach_the_optimizer() -> None:
     """The learner's AdamW takes the stream's β2 and the extractor/head rate ratio from the settings."""
-    from broadfast.settings import Settings
+    from broadfast.core.settings import Settings
 
-    cfg = LearnerConfig.from_settings(Settings(online_lr=1e-4, online_head_lr_ratio=3.0, online_adam_beta2=0.97))
+    cfg = LearnerConfig.from_settings(Settings(online_lr=1e-4, online_head_lr_ratio=3.0, online_adam_beta2=0.97).training)
     learner = OnlineLearner(build_student(StudentConfig.tiny()), cfg)
     groups = learner.opt.param_groups
     assert {g["betas"] for g in groups} == {(0.9, 0.97)}
     assert sorted({round(g["lr"] / 1e-4, 6) for g in groups}) == [1.0, 3.0]
-    defaults = LearnerConfig.from_settings(Settings())
+    defaults = LearnerConfig.from_settings(Settings().training)
     assert (defaults.adam_beta2, defaults.head_lr / defaults.lr) == (LearnerConfig.adam_beta2, LearnerConfig.head_lr / LearnerConfig.lr)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from training.losses import LossConfig, align_loss, ce_loss, kd_loss, lrkd_loss
-from training.student import StudentConfig, build_student
+from broadfast.training.losses import LossConfig, align_loss, ce_loss, kd_loss, lrkd_loss
+from broadfast.model.student import StudentConfig, build_student
 
 QUERIES = ["cordless drill", "paint roller", "angle bracket", "toilet seat"]
 TEXTS = ["18V cordless drill kit", "9 in. roller cover", "simpson 90 degree angle", "ceramic floor tile"]

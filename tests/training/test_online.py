@@ -9,13 +9,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from broadfast.settings import Settings
-from streams import events as ev
-from streams.bus import EventBus
-from streams.datasets import load_pairs
+from broadfast.core.settings import Settings
+from broadfast.core import events as ev
+from broadfast.core.bus import EventBus
+from broadfast.core.datasets import load_pairs
 from tests.conftest import read_topic
-from training.learner import LabelRow, ReplayBuffer
-from training.online import is_held_out, run_online, validation_frame, validation_slice
+from broadfast.training.learner import LabelRow, ReplayBuffer
+from broadfast.training.online import is_held_out, run_online, validation_frame, validation_slice
 
 
 def row(i: int) -> LabelRow:
@@ -68,14 +68,14 @@ def tiny_data(tmp_path: Path, n_queries: int = 40) -> Path:
     for q in range(n_queries):
         for a in range(5):
             grade = int(rng.integers(0, 3))
-            rows.append({"query": f"query {q}", "product_id": f"{q}-{a}", "title": f"product {a} {'match' if grade == 2 else 'other'}", "description": "", "relevance": 1.0 + grade, "grade": grade})
+            rows.append({"query": f"query {q}", "ad_id": f"{q}-{a}", "title": f"product {a} {'match' if grade == 2 else 'other'}", "text": "", "relevance": 1.0 + grade, "grade": grade})
     path = tmp_path / "pairs.parquet"
     pd.DataFrame(rows).to_parquet(path)
     return path
 
 
 def test_validation_slice_is_whole_held_out_queries(tmp_path: Path) -> None:
-    df = pd.read_parquet(tiny_data(tmp_path)).assign(description="")
+    df = pd.read_parquet(tiny_data(tmp_path)).assign(text="")
     val = validation_slice(df, 0.5, max_pairs=40)
     assert 0 < len(val) <= 40 and len(val) % 5 == 0
     assert all(is_held_out(q, 0.5) for q in val["query"])
@@ -90,7 +90,7 @@ def test_a_validation_slice_over_two_data_sets_pools_their_held_out_queries_on_o
     for path, queries in ((hd, hd_q), (cf, cf_q)):  # each file's relevance rescaled from the file's own scale onto 1-3
         df = load_pairs(path, require_grade=True)
         low, high = df["relevance"].min(), df["relevance"].max()
-        part = val[val["query"].isin(queries)].merge(df[["query", "product_id", "relevance"]].drop_duplicates(["query", "product_id"]), on=["query", "product_id"], suffixes=("", "_file"))
+        part = val[val["query"].isin(queries)].merge(df[["query", "ad_id", "relevance"]].drop_duplicates(["query", "ad_id"]), on=["query", "ad_id"], suffixes=("", "_file"))
         assert len(part) and np.allclose(part["relevance"], 1.0 + 2.0 * (part["relevance_file"] - low) / (high - low))
         assert part["relevance"].between(1.0, 3.0).all()
     alone = validation_frame([hd], 0.2, 400)
@@ -98,13 +98,13 @@ def test_a_validation_slice_over_two_data_sets_pools_their_held_out_queries_on_o
 
 
 def labels_for(data: Path, start: int, n: int) -> list[ev.TeacherLabel]:
-    df = pd.read_parquet(data)
+    df = load_pairs(data)
     out = []
     for _, r in df.iloc[start : start + n].iterrows():
         probs = [0.05, 0.05, 0.05]
         probs[int(r["grade"])] = 0.9
         out.append(ev.TeacherLabel(
-            pair_id=ev.pair_id(r["query"], r["product_id"]), query=r["query"], ad_id=r["product_id"], ad_title=r["title"],
+            pair_id=ev.pair_id(r["query"], r["ad_id"]), query=r["query"], ad_id=r["ad_id"], title=r["title"],
             perspectives=[ev.Perspective(name="oracle", rationale="human grade", probs=tuple(probs))], probs=tuple(probs),
             rationale_embeddings=None, teacher_id="oracle@test", ts=1.0, first_scored_ts=0.5,
         ))  # fmt: skip
@@ -113,8 +113,8 @@ def labels_for(data: Path, start: int, n: int) -> list[ev.TeacherLabel]:
 
 @pytest.mark.integration
 def test_online_rounds_publish_commit_and_resume(bus_settings: Settings, tmp_path: Path) -> None:
-    from training.registry import Registry
-    from training.student import StudentConfig, build_student, save_student
+    from broadfast.model.registry import Registry
+    from broadfast.model.student import StudentConfig, build_student, save_student
 
     data = tiny_data(tmp_path)
     settings = bus_settings.model_copy(update={
@@ -160,10 +160,10 @@ def test_the_gate_on_refuses_worse_candidates_computed_for_real_and_never_slides
     import torch
 
     from tests.training.test_learner import learnable_pairs, rows_of
-    from training.learner import LearnerConfig, OnlineLearner
-    from training.online import OnlineTrainer
-    from training.registry import Registry
-    from training.student import StudentConfig, build_student, save_student
+    from broadfast.training.learner import LearnerConfig, OnlineLearner
+    from broadfast.training.online import OnlineTrainer
+    from broadfast.model.registry import Registry
+    from broadfast.model.student import StudentConfig, build_student, save_student
 
     torch.manual_seed(0)
     settings = bus_settings.model_copy(update={
@@ -222,8 +222,8 @@ def test_poisoned_labels_are_dead_lettered_and_a_broken_checkpoint_falls_back_wi
     import json
     import time
 
-    from training.registry import Registry
-    from training.student import StudentConfig, build_student, save_student
+    from broadfast.model.registry import Registry
+    from broadfast.model.student import StudentConfig, build_student, save_student
 
     data = tiny_data(tmp_path)
     settings = bus_settings.model_copy(update={
@@ -280,10 +280,10 @@ def test_poisoned_labels_are_dead_lettered_and_a_broken_checkpoint_falls_back_wi
 def test_published_versions_record_their_quality_on_the_newest_held_out_traffic_labels(bus_settings: Settings, tmp_path: Path) -> None:
     """Validation that follows the traffic: held-out labels fill a rolling slice; a published version
     records its figures on it, and a restart keeps the slice."""
-    from training.online import OnlineTrainer, row_of
-    from training.registry import Registry
-    from training.stream_slice import MIN_LABELS
-    from training.student import StudentConfig, build_student, save_student
+    from broadfast.training.online import OnlineTrainer, row_of
+    from broadfast.model.registry import Registry
+    from broadfast.training.stream_slice import MIN_LABELS
+    from broadfast.model.student import StudentConfig, build_student, save_student
 
     data = tiny_data(tmp_path, n_queries=120)
     settings = bus_settings.model_copy(update={
@@ -292,8 +292,8 @@ def test_published_versions_record_their_quality_on_the_newest_held_out_traffic_
     })  # fmt: skip
     registry = Registry(settings)
     registry.publish(save_student(build_student(StudentConfig.tiny()), tmp_path / "v0"), announce=False)
-    df = pd.read_parquet(data)
-    trainer = OnlineTrainer(settings, registry, validation_slice(df.assign(description=""), 0.5, 30))
+    df = load_pairs(data)
+    trainer = OnlineTrainer(settings, registry, validation_slice(df.assign(text=""), 0.5, 30))
     trainer.start()
     labels = labels_for(data, 0, len(df))
     held = [lab for lab in labels if is_held_out(lab.query, 0.5)]
@@ -321,9 +321,9 @@ def test_published_versions_record_their_quality_on_the_newest_held_out_traffic_
 def test_the_gate_can_also_judge_on_the_newest_held_out_traffic_labels(bus_settings: Settings, tmp_path: Path) -> None:
     """online_gate_slice=fixed+stream: a candidate that holds the fixed slice's floor is still refused when it
     is worse than the champion on the newest held-out traffic labels, both measured there for real."""
-    from training.online import OnlineTrainer, RoundResult, row_of
-    from training.registry import Registry
-    from training.student import StudentConfig, build_student, save_student
+    from broadfast.training.online import OnlineTrainer, RoundResult, row_of
+    from broadfast.model.registry import Registry
+    from broadfast.model.student import StudentConfig, build_student, save_student
 
     data = tiny_data(tmp_path, n_queries=120)
     settings = bus_settings.model_copy(update={
@@ -333,10 +333,10 @@ def test_the_gate_can_also_judge_on_the_newest_held_out_traffic_labels(bus_setti
     })  # fmt: skip
     registry = Registry(settings)
     registry.publish(save_student(build_student(StudentConfig.tiny()), tmp_path / "v0"), announce=False)
-    df = pd.read_parquet(data)
+    df = load_pairs(data)
 
     def trained(flip: bool) -> tuple[OnlineTrainer, Any]:
-        trainer = OnlineTrainer(settings.model_copy(update={"home": tmp_path / f"home-{flip}"}), registry, validation_slice(df.assign(description=""), 0.5, 30))
+        trainer = OnlineTrainer(settings.model_copy(update={"home": tmp_path / f"home-{flip}"}), registry, validation_slice(df.assign(text=""), 0.5, 30))
         trainer.start()
         for offset, label in enumerate(labels_for(data, 0, len(df))):
             if flip and not is_held_out(label.query, 0.5):  # trained on the opposite of the truth; held-out labels stay true

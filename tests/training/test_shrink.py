@@ -12,13 +12,14 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from training.commands import train
-from training.distill import TrainConfig, pair_texts, train_offline_frame
-from training.losses import LossConfig
-from training.registry import sha256_file
-from training.shrink import keep_layers, shrink_student, student_targets
-from training.student import Student, StudentConfig, build_student, load_student, save_student
-from training.targets import human_targets
+from broadfast.cli.training import train
+from broadfast.model.student import pair_texts
+from broadfast.training.distill import TrainConfig, train_offline_frame
+from broadfast.training.losses import LossConfig
+from broadfast.model.registry import sha256_file
+from broadfast.training.shrink import keep_layers, shrink_student, student_targets
+from broadfast.model.student import Student, StudentConfig, build_student, load_student, save_student
+from broadfast.training.targets import human_targets
 
 
 def four_layer_config(**overrides: object) -> StudentConfig:
@@ -142,7 +143,7 @@ def test_train_offline_from_student_writes_a_smaller_student_with_its_lineage(pa
 
 @pytest.mark.integration
 def test_the_registry_takes_a_shrunk_student_like_any_other(bus_settings, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    from training.registry import Registry
+    from broadfast.model.registry import Registry
 
     source = four_layer_source()
     small, kept = shrink_student(source, 2)

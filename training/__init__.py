@@ -1,1 +1,0 @@
-"""Training: the student, distillation losses and trainers, the teacher, the model registry."""
