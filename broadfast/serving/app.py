@@ -41,7 +41,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from broadfast import __version__
 from broadfast.core.errors import BroadfastError
 from broadfast.core.settings import Settings
-from broadfast.serving.engine import Engine
+from broadfast.serving.engine import ScoringEngine
 from broadfast.serving.errors import NotReady, SwapRefused
 from broadfast.serving.scoredlog import ScoredRecord
 from broadfast.core.events import score_from_probs
@@ -222,9 +222,9 @@ class BodyLimit:
         await JSONResponse({"detail": detail}, status_code=413)(scope, receive, send)
 
 
-def create_app(settings: Settings, model_dir: Path | None = None, *, engine: Engine | None = None) -> FastAPI:
+def create_app(settings: Settings, model_dir: Path | None = None, *, engine: ScoringEngine | None = None) -> FastAPI:
     """The FastAPI app; the engine starts and stops with the app's lifespan."""
-    engine = engine or Engine(settings, model_dir)
+    engine = engine or ScoringEngine(settings, model_dir)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

@@ -1,6 +1,6 @@
 """The scoring engine: resident models, routing (A/B), hot swap, and the background threads.
 
-One :class:`Engine` per server process. Its state that requests read is a single
+One :class:`ScoringEngine` per server process. Its state that requests read is a single
 immutable :class:`Routing` (champion, challenger, experiment) replaced whole under a lock,
 so a request sees one consistent picture and keeps the model it was routed to even if a
 swap happens while it waits in the micro-batcher.
@@ -8,7 +8,7 @@ swap happens while it waits in the micro-batcher.
 Background threads: the micro-batcher, the scored-event log, the ``relevance.models``
 watcher (hot swap) and the experiment follower (A/B state from Redis, per-arm counts).
 
->>> # engine = Engine(get_settings(), model_dir=Path("runs/hd")); engine.start(); ...; engine.stop()
+>>> # engine = ScoringEngine(get_settings(), model_dir=Path("runs/hd")); engine.start(); ...; engine.stop()
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ class Routing:
         return (self.challenger if arm == "challenger" else self.champion), arm, exp.experiment_id
 
 
-class Engine:
+class ScoringEngine:
     """Models, routing and background work of one scoring server."""
 
     def __init__(self, settings: Settings, model_dir: Path | None = None, *, follow: bool = True) -> None:

@@ -55,10 +55,10 @@ def serve_settings(bus_settings: Settings, tmp_path: Path) -> Settings:
 def running(settings: Settings, model_dir: Path | None = None, *, wait_watcher: bool = False) -> Iterator[tuple[str, object]]:
     """A real server (uvicorn on a free loopback port, in a thread): yields (base URL, engine)."""
     from broadfast.serving.app import create_app
-    from broadfast.serving.engine import Engine
+    from broadfast.serving.engine import ScoringEngine
     from broadfast.serving.server import ServerThread
 
-    engine = Engine(settings, model_dir)
+    engine = ScoringEngine(settings, model_dir)
     with ServerThread(create_app(settings, engine=engine), keep_alive_s=settings.serving.serve_keep_alive_s) as server:
         if wait_watcher:
             assert engine.watcher_ready.wait(30), "the model watcher did not get its partitions"
